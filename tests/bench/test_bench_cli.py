@@ -1,0 +1,52 @@
+"""The bench commands in smoke mode, as CI runs them: CSV with metadata, markdown table, plots."""
+
+import importlib
+
+import pytest
+
+from tokaccel.bench import cli
+from tokaccel.bench.plots import plot_results
+from tokaccel.bench.results import METADATA_COLUMNS, read_rows
+
+
+def test_parse_sizes_and_specs():
+    assert cli.parse_size("4K") == 4096 and cli.parse_size("1M") == 2**20 and cli.parse_size("1000") == 1000
+    assert cli._names("dense, tokenselect:k=1024,theta=0.9,quest:page=16") == [
+        "dense", "tokenselect:k=1024,theta=0.9", "quest:page=16"]
+
+
+def test_bench_ops_smoke(tmp_path, capsys):
+    assert cli.main(["bench", "ops", "--smoke", "--shapes", "smollm2", "--out", str(tmp_path), "--no-progress"]) == 0
+    rows = read_rows(tmp_path / "bench_ops.csv")
+    # sdpa and dense: decode + prefill_chunk; gqa_matmul: decode score / attention / total
+    assert len(rows) == 7 and set(METADATA_COLUMNS) <= set(rows[0]) and rows[0]["device"] == "cpu"
+    assert rows[0]["timestamp"] and rows[0]["torch"] and rows[0]["threads"]
+    markdown = (tmp_path / "bench_ops.md").read_text()
+    assert "`tokaccel bench ops --shapes smollm2 --n 256" in markdown and "| smollm2 | 256 | sdpa |" in markdown
+    assert "| shape | N |" in capsys.readouterr().out
+    cli.main(["bench", "ops", "--smoke", "--shapes", "smollm2", "--out", str(tmp_path), "--no-progress"])
+    assert len(read_rows(tmp_path / "bench_ops.csv")) == 14  # appended, header once
+    assert [p.name for p in plot_results(tmp_path)] == ["ops_latency.png", "ops_speedup.png"]
+
+
+def test_bench_e2e_smoke(tmp_path):
+    argv = ["bench", "e2e", "--smoke", "--model", "tiny-random-llama", "--peers", "none", "--out", str(tmp_path),
+            "--no-progress"]
+    assert cli.main(argv) == 0
+    rows = read_rows(tmp_path / "bench_e2e.csv")
+    assert [(r["batch"], r["variant"], r["status"]) for r in rows] == [
+        ("1", "hf", "ok"), ("1", "dense", "ok"), ("2", "hf", "ok"), ("2", "dense", "ok")]
+    assert set(METADATA_COLUMNS) <= set(rows[0])
+    assert "--peers none" in (tmp_path / "bench_e2e.md").read_text()
+
+
+def test_registered_in_the_tokaccel_cli():
+    from tokaccel import cli as main_cli
+
+    for module in main_cli.COMMAND_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            pytest.skip(f"{module} does not exist yet ({exc})")
+    args = main_cli.build_parser().parse_args(["bench", "ops", "--smoke"])
+    assert args.func is cli.run_ops_command

@@ -1,0 +1,210 @@
+"""`tokaccel bench ops` and `tokaccel bench e2e`: run a benchmark, append its rows to
+`<out>/bench_ops.csv` / `<out>/bench_e2e.csv`, append a markdown table (headed by the command
+that reproduces it) to `<out>/bench_ops.md` / `<out>/bench_e2e.md`, and print the table.
+
+    tokaccel bench ops --shapes smollm2,llama3-8b --n 4K,16K,128K --phases decode
+    tokaccel bench e2e --model smollm2 --contexts 1K,4K --batch 1,4 --policies dense --peers prompt_lookup
+    tokaccel bench ops --smoke          # tiny sizes, 1 repeat: what CI runs
+    tokaccel plot results/bench         # PNGs from the CSVs
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OUT = "results/bench"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_size(text: str) -> int:
+    """'4096', '4K' (x1024), '1M' (x2**20) -> int."""
+    text = text.strip().upper()
+    scale = {"K": 1024, "M": 2**20}.get(text[-1:], 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def _sizes(text: str) -> list[int]:
+    return [parse_size(t) for t in text.split(",") if t.strip()]
+
+
+def _names(text: str) -> list[str]:
+    """Comma-separated names; a policy spec's own commas ("tokenselect:k=1,theta=0.9") are kept:
+    an item containing '=' but no ':' continues the previous spec."""
+    out: list[str] = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        if out and "=" in item and ":" not in item:
+            out[-1] += "," + item
+        else:
+            out.append(item)
+    return out
+
+
+def _dtype(text: str | None):
+    if text is None:
+        return None
+    if text not in DTYPES:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; valid: {sorted(DTYPES)}")
+    return DTYPES[text]
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:1 (default: cpu)")
+    parser.add_argument("--dtype", type=_dtype, default=None, help="float32 | float16 | bfloat16 (default: fp32 on "
+                        "CPU, bf16 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (median, min, max reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default: {DEFAULT_OUT})")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 repeat, seconds: what CI runs")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_commands(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="latency / memory benchmarks (op level and end to end)")
+    sub = bench.add_subparsers(dest="bench_command", required=True)
+
+    ops = sub.add_parser("ops", help="one attention step of one layer on random K/V, per policy and part",
+                         description="Decode steps and prefill chunks of every registered op bench vs dense "
+                                     "SDPA, over a sweep of cache lengths N.")
+    ops.add_argument("--shapes", type=_names, default=None,
+                     help="smollm2,gemma3-global,llama3-8b (default: all three)")
+    ops.add_argument("--n", type=_sizes, default=None, help="cache lengths, e.g. 4K,16K,128K "
+                     "(default: 4K..128K on CPU, 4K..1M on CUDA)")
+    ops.add_argument("--impls", type=_names, default=None, help="registered op benches / policy specs "
+                     "(default: sdpa,dense,flash,gqa_matmul; sdpa, the baseline, always runs)")
+    ops.add_argument("--phases", type=_names, default=None,
+                     help="decode,decode_hit,decode_miss,prefill_chunk (default: all)")
+    ops.add_argument("--batch", type=int, default=1)
+    ops.add_argument("--chunk", type=int, default=None, help="prefill chunk length c (default 512)")
+    ops.add_argument("--prefill-max-n", type=parse_size, default=None, help="skip prefill chunks above this N")
+    ops.add_argument("--plugin", action="append", default=[], help="module that registers op benches (repeatable)")
+    _common(ops)
+    ops.set_defaults(func=run_ops_command)
+
+    e2e = sub.add_parser("e2e", help="generate(): TTFT, TPOT, tokens/s, peak memory, KV bytes per variant",
+                         description="Greedy generate of M tokens after an N-token prompt: unpatched HF (the "
+                                     "baseline), tokaccel policies and HF peers, interleaved per repeat.")
+    e2e.add_argument("--model", default=None, help="embedded name (smollm2, gemma3), HF id or path, or "
+                     "tiny-random-llama (default: smollm2)")
+    e2e.add_argument("--contexts", type=_sizes, default=None, help="prompt lengths (default: 1K,4K)")
+    e2e.add_argument("--policies", type=_names, default=None, help="policy specs (default: dense)")
+    e2e.add_argument("--peers", type=_names, default=None,
+                     help="prompt_lookup[:n=10], quantized[:backend=quanto,nbits=4], offloaded; 'none' for none "
+                          "(default: prompt_lookup)")
+    e2e.add_argument("--batch", type=_sizes, default=None, help="batch sizes (default: 1,4)")
+    e2e.add_argument("--new-tokens", type=int, default=None, help="tokens generated per row (default: 32)")
+    e2e.add_argument("--prompt", choices=("text", "random"), default="text",
+                     help="natural text (default) or random token ids")
+    _common(e2e)
+    e2e.set_defaults(func=run_e2e_command)
+
+
+def _set(config, **values):
+    """Override the config fields that were given (not None)."""
+    for key, value in values.items():
+        if value is not None:
+            setattr(config, key, value)
+    return config
+
+
+def _finish(rows: list[dict], out: Path, csv_name: str, command: str, columns, headers) -> int:
+    from .results import append_rows, markdown_table
+
+    if not rows:
+        logger.warning("no rows measured")
+        return 1
+    csv_path = append_rows(out / csv_name, rows)
+    first = rows[0]
+    table = markdown_table(rows, columns, headers)
+    heading = (f"### {first.get('timestamp', '')} {first.get('device_name', '')}, {first.get('threads', '')} threads, "
+               f"torch {first.get('torch', '')}, commit {first.get('git_commit') or 'none'}"
+               f"{' (dirty)' if first.get('git_dirty') in (True, 'True') else ''}\n\n`{command}`\n\n")
+    with (out / csv_name.replace(".csv", ".md")).open("a") as f:
+        f.write(heading + table + "\n\n")
+    print(table)
+    logger.info("rows appended to %s", csv_path)
+    return 0
+
+
+def _command(args, parts: list[tuple[str, object]]) -> str:
+    words = ["tokaccel", "bench", args.bench_command]
+    for flag, value in parts:
+        if value is None or value is False or value == []:
+            continue
+        if value is True:
+            words.append(flag)
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        elif isinstance(value, torch.dtype):
+            value = str(value).replace("torch.", "")
+        words += [flag, str(value)]
+    return shlex.join(words)
+
+
+def run_ops_command(args) -> int:
+    from .ops import TABLE_COLUMNS, TABLE_HEADERS, OpsConfig, run_ops, smoke_config
+    from .results import OPS_CSV, run_metadata
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = smoke_config() if args.smoke else OpsConfig()
+    _set(config, shapes=args.shapes, ns=None if args.smoke else args.n, impls=args.impls, phases=args.phases,
+         batch=args.batch, chunk=None if args.smoke else args.chunk, dtype=args.dtype, device=args.device,
+         warmup=args.warmup, repeats=args.repeats, prefill_max_n=args.prefill_max_n, plugins=args.plugin or None)
+    config = config.resolved()
+    command = _command(args, [("--shapes", config.shapes), ("--n", config.ns), ("--impls", config.impls),
+                              ("--phases", config.phases), ("--batch", config.batch), ("--chunk", config.chunk),
+                              ("--prefill-max-n", config.prefill_max_n), ("--dtype", config.dtype),
+                              ("--device", args.device), ("--warmup", config.warmup), ("--repeats", config.repeats),
+                              ("--threads", torch.get_num_threads()), ("--smoke", args.smoke),
+                              *[("--plugin", p) for p in args.plugin], ("--out", args.out)])
+    rows = run_ops(config, run_metadata(config.device), progress=not args.no_progress)
+    return _finish(rows, Path(args.out), OPS_CSV, command, TABLE_COLUMNS, TABLE_HEADERS)
+
+
+def run_e2e_command(args) -> int:
+    from .e2e import TABLE_COLUMNS, TABLE_HEADERS, E2EConfig, run_e2e, smoke_config
+    from .results import E2E_CSV, run_metadata
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = smoke_config() if args.smoke else E2EConfig()
+    peers = [] if args.peers == ["none"] else args.peers
+    _set(config, model=args.model, contexts=None if args.smoke else args.contexts, policies=args.policies,
+         peers=peers, batch_sizes=None if args.smoke else args.batch,
+         new_tokens=None if args.smoke else args.new_tokens, dtype=args.dtype, device=args.device,
+         warmup=args.warmup, repeats=args.repeats, prompt=args.prompt)
+    command = _command(args, [("--model", config.model), ("--contexts", config.contexts),
+                              ("--policies", config.policies), ("--peers", config.peers or ["none"]),
+                              ("--batch", config.batch_sizes), ("--new-tokens", config.new_tokens),
+                              ("--prompt", config.prompt), ("--dtype", config.dtype), ("--device", args.device),
+                              ("--warmup", config.warmup), ("--repeats", config.repeats),
+                              ("--threads", torch.get_num_threads()), ("--smoke", args.smoke), ("--out", args.out)])
+    rows = run_e2e(config, run_metadata(config.device), progress=not args.no_progress)
+    return _finish(rows, Path(args.out), E2E_CSV, command, TABLE_COLUMNS, TABLE_HEADERS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tokaccel.bench.cli bench ops ...`: the bench commands without the rest of the CLI."""
+    parser = argparse.ArgumentParser(prog="tokaccel")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

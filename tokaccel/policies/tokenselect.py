@@ -1,0 +1,349 @@
+"""TokenSelect (arXiv 2411.02886): per-head soft-vote top-k token selection (METHODS.md §1.1).
+
+Every token stays in the cache; each attention call reads `sinks ∪ top-k ∪ local window`:
+
+* decode (one query): the soft vote of the query picks `k` candidates; a selection cache reuses
+  the previous index set while cos(query, query at the last selection) >= theta.
+* prefill (several queries): queries are processed in chunks of `chunk`; each chunk selects from
+  the tokens before it and attends to `selection ∪ causal part of the chunk`.
+* when the context fits the budget (`N <= n_init + k + n_local`) attention is dense.
+
+Positions: `position_mode="compact"` (paper default) stores un-rotated keys (`tokaccel.cache.
+SelectionLayer`) and rotates the gathered rows to positions 0..L-1 with the query right after
+them, so no attended distance exceeds L; "original" keeps HF's rotated keys and positions.
+
+The last chunk of a prompt holds the question. A chunk's mean query over up to 512 tokens of
+filler plus a question is dominated by the filler and was seen to miss the needle, so the chunk
+that holds the prompt's last token selects with the soft vote of its last `tail` queries, each
+voting separately (votes summed, as in SnapKV's observation window). `tail=0` is the paper's mean.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..cache import SelectionLayer, install_selection_layer
+from ..rope import RopeTable, find_rotary_embedding, rotate, unrotate
+from ..selection import (HEAD_MAPPINGS, SelectionState, assemble, attend_rows, cache_hits, gather_rows,
+                         merge_rows, soft_vote, top_k)
+from .base import LayerContext, LayerInfo, Policy
+from .dense import dense_with_stats
+
+logger = logging.getLogger(__name__)
+
+POSITION_MODES = ("compact", "original")
+
+
+@dataclass
+class _Runtime:
+    """Per-layer objects set at patch time."""
+
+    rope: RopeTable | None = None
+
+
+@dataclass
+class TokenSelect(Policy):
+    """Dynamic token-level KV selection. Defaults are the paper's except `tail` (tokaccel's).
+
+    k: selected candidate tokens per layer and step (paper 2048).
+    n_init: attention-sink tokens always read, counted from each row's first real token (128).
+    n_local: most recent tokens always read (512).
+    chunk: prefill queries per chunk (512).
+    theta: selection-cache threshold on cos(query, query of the last selection), in [0, 1];
+        0 reuses forever, 1 only for an identical query (paper 0.9).
+    pool: None, or an odd max-pool kernel over the votes (keeps neighbours of strong tokens).
+    position_mode: "compact" (selected keys re-rotated to contiguous positions) or "original".
+    head_mapping: "group" (query head h reads KV head h // G, as attention does) or
+        "release_mod" (h mod Hk, the official release's GQA bug; for reproduction only).
+    tail: the prompt's last chunk selects with the per-query soft votes of its last `tail`
+        queries; 0 = the chunk's mean query, as in the paper.
+    dense_fallback: dense attention when the context fits the budget; False forces the sparse
+        path (used to test it, and to measure its overhead).
+    """
+
+    name: ClassVar[str] = "tokenselect"
+    description: ClassVar[str] = "TokenSelect: per-head soft-vote top-k token selection with a selection cache"
+    captures_layer_inputs: ClassVar[bool] = True
+
+    k: int = 2048
+    n_init: int = 128
+    n_local: int = 512
+    chunk: int = 512
+    theta: float = 0.9
+    pool: int | None = None
+    position_mode: str = "compact"
+    head_mapping: str = "group"
+    tail: int = 16
+    dense_fallback: bool = True
+
+    # ------------------------------------------------------------------ configuration
+    def validate(self) -> None:
+        def integer(name, low):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"tokenselect: {name}={value!r} is not valid; expected an integer >= {low}")
+
+        integer("k", 1)
+        integer("n_init", 0)
+        integer("n_local", 1)  # the local window holds the current token
+        integer("chunk", 1)
+        integer("tail", 0)
+        if isinstance(self.theta, bool) or not isinstance(self.theta, (int, float)) or not 0 <= self.theta <= 1:
+            raise ValueError(f"tokenselect: theta={self.theta!r} is not valid; expected a number in [0, 1]")
+        if self.pool is not None and (isinstance(self.pool, bool) or not isinstance(self.pool, int)
+                                      or self.pool < 1 or self.pool % 2 == 0):
+            raise ValueError(f"tokenselect: pool={self.pool!r} is not valid; expected None or an odd integer >= 1")
+        if self.position_mode not in POSITION_MODES:
+            raise ValueError(f"tokenselect: position_mode={self.position_mode!r} is not valid; "
+                             f"choose one of {POSITION_MODES}")
+        if self.head_mapping not in HEAD_MAPPINGS:
+            raise ValueError(f"tokenselect: head_mapping={self.head_mapping!r} is not valid; "
+                             f"choose one of {HEAD_MAPPINGS}")
+        if not isinstance(self.dense_fallback, bool):
+            raise ValueError(f"tokenselect: dense_fallback={self.dense_fallback!r} is not valid; expected a bool")
+
+    @property
+    def budget(self) -> int:
+        """Tokens read per query when the context exceeds it: n_init + k + n_local."""
+        return self.n_init + self.k + self.n_local
+
+    @property
+    def compact(self) -> bool:
+        return self.position_mode == "compact"
+
+    def new_layer_state(self, layer: LayerInfo) -> _Runtime:
+        return _Runtime()
+
+    def on_patch(self, model: torch.nn.Module, contexts: list[LayerContext]) -> list:
+        """Give each active layer its rope table (compact mode) and a pre-hook that installs a
+        SelectionLayer into the cache the layer is called with."""
+        from ..patch import _CTX_ATTR  # the attribute patch_model sets on each patched module
+
+        modules = {id(m.__dict__[_CTX_ATTR]): m for m in model.modules() if _CTX_ATTR in m.__dict__}
+        tables: dict[str, RopeTable] = {}
+        handles = []
+        for ctx in contexts:
+            if ctx.policy is None:
+                continue
+            module = modules[id(ctx)]
+            if self.compact:
+                rotary = find_rotary_embedding(model, module.config)
+                if rotary is None:
+                    raise NotImplementedError(
+                        f"tokenselect: position_mode='compact' needs the model's rotary embedding module "
+                        f"(a *RotaryEmbedding); none found in {type(model).__name__}. Use position_mode='original'")
+                layer_type = ctx.info.layer_type
+                ctx.state.rope = tables.setdefault(layer_type, RopeTable(rotary, layer_type))
+            handles.append(module.register_forward_pre_hook(self._install_hook(ctx), with_kwargs=True))
+        return handles
+
+    def _install_hook(self, ctx: LayerContext):
+        layer_idx = ctx.info.layer_idx
+
+        def hook(module, args, kwargs):
+            cache = kwargs.get("past_key_values")
+            if cache is None:
+                return
+            if layer_idx < len(cache.layers) and getattr(cache.layers[layer_idx], "is_sliding", False):
+                return  # a sliding-window layer (e.g. Mistral's): it stays dense, see attend()
+            scaling = ctx.state.rope.scaling if self.compact else 1.0
+            layer = install_selection_layer(cache, layer_idx, self.compact, scaling)
+            if self.compact:
+                if kwargs.get("position_embeddings") is None:
+                    raise NotImplementedError(f"tokenselect: {type(module).__name__} is called without "
+                                              "position_embeddings (cos, sin); use position_mode='original'")
+                layer.incoming_rope = kwargs["position_embeddings"]
+
+        return hook
+
+    # ------------------------------------------------------------------ attention
+    def attend(self, ctx, module, query, key, value, attention_mask, **kwargs):
+        if kwargs.get("sliding_window") is not None:
+            return dense_with_stats(ctx, module, query, key, value, attention_mask, **kwargs)
+        for unsupported in ("softcap", "s_aux"):
+            if kwargs.get(unsupported) is not None:
+                raise NotImplementedError(f"tokenselect: attention with {unsupported} is not supported")
+        cache = ctx.inputs.get("past_key_values")
+        idx = ctx.info.layer_idx
+        layer = cache.layers[idx] if cache is not None and idx < len(cache.layers) else None
+        layer = layer if isinstance(layer, SelectionLayer) else None
+        S, D, N = query.shape[2], query.shape[3], key.shape[2]
+        q_pre = None
+        if self.compact:
+            cos, sin = ctx.inputs["position_embeddings"]
+            scaling = ctx.state.rope.scaling
+            if layer is None:  # no cache (use_cache=False): this call's keys are still rotated
+                key = unrotate(key, cos, sin, scaling)
+            q_pre = unrotate(query, cos, sin, scaling)
+        if self.dense_fallback and N <= self.budget:
+            if self.compact:  # positions 0..N-1: the same distances as the model's own positions
+                cos_t, sin_t = ctx.state.rope(N, query.device, query.dtype)
+                query, key = rotate(q_pre, cos_t[N - S:], sin_t[N - S:]), rotate(key, cos_t, sin_t)
+            return dense_with_stats(ctx, module, query, key, value, attention_mask, **kwargs)
+        scale = kwargs.get("scaling")
+        scale = float(scale if scale is not None else getattr(module, "scaling", D ** -0.5))
+        call = _Call(self, ctx, q_pre if self.compact else query, key, value, _key_valid(attention_mask, N), scale)
+        ctx.stats["sparse_calls"] += 1
+        if S == 1:
+            return call.decode(layer), None
+        if layer is not None:
+            layer.selection = None  # new tokens: the next decode step selects afresh
+        return call.prefill(), None
+
+    def vote(self, q: torch.Tensor, keys: torch.Tensor, scale: float, valid, query_valid=None) -> torch.Tensor:
+        """The scorer: [B, Nc] votes of q [B, H, D] or [B, H, w, D] for candidate keys [B, Hk, Nc, D].
+        Subclasses (other scorers) override this; the selector around it stays the same."""
+        return soft_vote(q, keys, scale, valid, self.head_mapping, query_valid)
+
+
+def _key_valid(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """[B, n] bool: which cached tokens are real (not padding), from HF's 4-D mask; None if all are."""
+    if mask is None:
+        return None
+    last = mask[:, 0, -1, -n:]  # the last query sees every real key
+    valid = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
+    return None if bool(valid.all()) else valid
+
+
+class _Call:
+    """One sparse attention call of one layer: query [B, H, S, D] and key [B, Hk, N, D] both
+    un-rotated in compact mode (as HF rotated them in original mode), value [B, Hk, N, D],
+    key_valid [B, N] or None."""
+
+    def __init__(self, policy: TokenSelect, ctx: LayerContext, query, key, value, key_valid, scale):
+        self.p, self.ctx = policy, ctx
+        self.query, self.key, self.value = query, key, value
+        self.key_valid, self.scale = key_valid, scale
+        B = query.shape[0]
+        self.first = (key_valid.int().argmax(1) if key_valid is not None
+                      else torch.zeros(B, dtype=torch.long, device=query.device))
+
+    # -- selection -------------------------------------------------------------------------
+    def _scoring_query(self, q: torch.Tensor) -> torch.Tensor:
+        """Queries [B, H, ..., D] as they score: in compact mode un-rotated, then rotated at
+        position n_local against un-rotated keys (every candidate at distance n_local)."""
+        if not self.p.compact:
+            return q
+        cos, sin = self.ctx.state.rope(self.p.n_local + 1, q.device, q.dtype)
+        cos, sin = cos[self.p.n_local:], sin[self.p.n_local:]
+        return rotate(q if q.dim() == 4 else q[:, :, None], cos, sin).reshape(q.shape)
+
+    def _select(self, q: torch.Tensor, end: int, query_valid=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k candidates in [first + n_init, end) of each row for scoring queries q:
+        (mid [B, k'] sorted, valid [B, k'])."""
+        B, device = q.shape[0], q.device
+        start = int(self.first.min()) + self.p.n_init
+        if end <= start:
+            return (torch.zeros(B, 0, dtype=torch.long, device=device),
+                    torch.zeros(B, 0, dtype=torch.bool, device=device))
+        valid = None
+        if self.key_valid is not None:
+            pos = torch.arange(start, end, device=device)
+            valid = self.key_valid[:, start:end] & (pos >= (self.first + self.p.n_init)[:, None])
+        vote = self.p.vote(q, self.key[:, :, start:end], self.scale, valid, query_valid)
+        self.ctx.stats["scored_keys"] += B * (end - start)
+        self.ctx.stats["kv_bytes_read"] += B * (end - start) * self.key.shape[1] * self.key.shape[3] * \
+            self.key.element_size()
+        mid, mid_valid = top_k(vote, self.p.k, self.p.pool)
+        return mid + start, mid_valid
+
+    def _read(self, rows: torch.Tensor | int, q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of q [B, H, S, D] over the cached rows idx [B, L] (or the first `rows` rows);
+        in compact mode keys are rotated to positions 0..L-1 and the S queries to L-S..L-1."""
+        if isinstance(rows, int):
+            k, v, L = self.key[:, :, :rows], self.value[:, :, :rows], rows
+        else:
+            k, v, L = gather_rows(self.key, rows), gather_rows(self.value, rows), rows.shape[1]
+        S = q.shape[2]
+        if self.p.compact:
+            cos, sin = self.ctx.state.rope(L, q.device, q.dtype)
+            k, q = rotate(k, cos, sin), rotate(q, cos[L - S:], sin[L - S:])
+        self.ctx.stats.record_read(q.shape[0], S, L, k.shape[1], k.shape[3], k.element_size())
+        return attend_rows(q, k, v, mask, self.scale)
+
+    # -- decode --------------------------------------------------------------------------
+    def decode(self, layer: SelectionLayer | None) -> torch.Tensor:
+        p, stats = self.p, self.ctx.stats
+        N = self.key.shape[2]
+        f = self._scoring_query(self.query[:, :, 0])  # [B, H, D]
+        flat = f.reshape(f.shape[0], -1).float()
+        state = layer.selection if layer is not None else None
+        hits = cache_hits(state, flat, p.theta)
+        n_hits = int(hits.sum())
+        stats["selection_hits"] += n_hits
+        stats["selection_misses"] += f.shape[0] - n_hits
+        if n_hits < f.shape[0]:
+            mid, mid_valid = self._select(f, max(N - p.n_local, 0))
+            local = torch.full_like(self.first, max(N - p.n_local, 0))
+            fresh = SelectionState(flat, mid, mid_valid, local)
+            state = fresh if n_hits == 0 else merge_rows(hits, state, fresh)
+            if layer is not None:
+                layer.selection = state
+        idx, valid = assemble(self.first, p.n_init, state.mid, state.mid_valid, state.local_start, N, self.key_valid)
+        mask = None if bool(valid.all()) else valid[:, None, None, :]
+        return self._read(idx, self.query, mask)
+
+    # -- prefill ---------------------------------------------------------------------------
+    def prefill(self) -> torch.Tensor:
+        p = self.p
+        q_all = self.query
+        B, H, S, D = q_all.shape
+        N = self.key.shape[2]
+        past = N - S
+        outs = []
+        start = 0
+        if p.dense_fallback:  # leading chunks whose preceding context fits the budget: one dense read
+            while start < S and past + start <= p.budget:
+                start += p.chunk
+            start = min(start, S)
+            if start:
+                outs.append(self._read(past + start, q_all[:, :, :start], self._chunk_mask(None, past, past + start)))
+        for s in range(start, S, p.chunk):
+            e = min(s + p.chunk, S)
+            outs.append(self._prefill_chunk(q_all, past + s, past + e, last=e == S))
+        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+    def _prefill_chunk(self, q_all: torch.Tensor, a: int, b: int, last: bool) -> torch.Tensor:
+        """Queries at cache positions [a, b) read `sinks ∪ top-k ∪ local` of [0, a) and [a, b) causally."""
+        p = self.p
+        past = self.key.shape[2] - q_all.shape[2]
+        q = q_all[:, :, a - past:b - past]  # [B, H, c, D]
+        q_valid = self.key_valid[:, a:b] if self.key_valid is not None else None
+        if last and p.tail:
+            w = min(p.tail, b - a)
+            f = self._scoring_query(q[:, :, -w:])
+            mid, mid_valid = self._select(f, max(a - p.n_local, 0), None if q_valid is None else q_valid[:, -w:])
+        else:
+            if q_valid is None:
+                mean = q.float().mean(dim=2)
+            else:
+                weights = q_valid.float()[:, None, :, None]
+                mean = (q.float() * weights).sum(2) / weights.sum(2).clamp_min(1.0)
+            mid, mid_valid = self._select(self._scoring_query(mean.to(q.dtype)), max(a - p.n_local, 0))
+        local = torch.full_like(self.first, max(a - p.n_local, 0))
+        idx, valid = assemble(self.first, p.n_init, mid, mid_valid, local, a, self.key_valid)
+        chunk_idx = torch.arange(a, b, device=q.device).expand(idx.shape[0], -1)
+        return self._read(torch.cat((idx, chunk_idx), dim=1), q, self._chunk_mask(valid, a, b))
+
+    def _chunk_mask(self, selected_valid: torch.Tensor | None, a: int, b: int) -> torch.Tensor:
+        """[B, 1, b - a, L + (b - a)] bool for queries at [a, b): every valid selected row, then the
+        chunk's own keys causally (padding excluded). selected_valid None: the keys are [0, b)."""
+        c = b - a
+        device = self.query.device
+        causal = torch.ones(c, c, dtype=torch.bool, device=device).tril_()
+        B = self.query.shape[0]
+        if selected_valid is None:
+            head = torch.ones(B, a, dtype=torch.bool, device=device)
+            if self.key_valid is not None:
+                head = self.key_valid[:, :a]
+        else:
+            head = selected_valid
+        L = head.shape[1]
+        mask = torch.cat((head[:, None, :].expand(B, c, L), causal.expand(B, c, c)), dim=2)
+        if self.key_valid is not None:
+            mask[:, :, L:] &= self.key_valid[:, None, a:b]
+        return mask[:, None]

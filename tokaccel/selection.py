@@ -1,0 +1,178 @@
+"""Which tokens attention reads: the TokenSelect soft-vote scorer and the shared selector.
+
+A *scorer* turns queries and candidate keys into one vote per candidate token ([B, N] fp32,
+-inf for non-candidates). The *selector* is shared by every selection policy: top-k of the votes,
+plus the attention sinks (first `n_init` real tokens of each row) and the local window, with a
+selection cache that reuses the previous index set while the query barely moves. The result is
+one sorted index set per batch row, shared by all heads, read through `gather_rows`.
+
+Index sets are *left-aligned*: invalid entries (padding, rows with fewer candidates than `k`)
+come first and are masked, valid entries follow in increasing position order. Compact positions
+are then simply `0..L-1` for every row: a row's valid tokens are contiguous and end at `L - 1`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+HEAD_MAPPINGS = ("group", "release_mod")
+NEG_INF = float("-inf")
+
+
+def group_queries(q: torch.Tensor, num_kv_heads: int, head_mapping: str = "group") -> torch.Tensor:
+    """Order query heads [B, H, ...] so that head h reads KV head h // G (HF's `repeat_kv` order).
+
+    "group" is already that order. "release_mod" reproduces the official TokenSelect release,
+    where query head h reads KV head h mod Hk: heads are permuted so that `grouped_scores`' h // G
+    lands on h mod Hk. The permutation is harmless for a vote that sums over heads.
+    """
+    if head_mapping == "group":
+        return q
+    B, H = q.shape[:2]
+    G = H // num_kv_heads
+    return q.reshape(B, G, num_kv_heads, *q.shape[2:]).transpose(1, 2).reshape(q.shape)
+
+
+def soft_vote(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    scale: float,
+    valid: torch.Tensor | None = None,
+    head_mapping: str = "group",
+    query_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """TokenSelect's per-head soft vote: v[b, t] = sum_{h, i} softmax_t(scale * q[b, h, i] . K[b, kv(h), t]).
+
+    q [B, H, D] (one query per head) or [B, H, w, D] (w queries per head, each votes separately);
+    keys [B, Hk, N, D]; valid [B, N] bool (False: not a candidate); query_valid [B, w] bool
+    (False: that query does not vote). Returns [B, N] fp32, -inf where not valid.
+    Two passes over the logits: max and exp-sum per (head, query), then one normalised head sum.
+    """
+    from .kernels import grouped_scores  # lazy: keeps `import tokaccel` free of triton
+
+    B, H = q.shape[:2]
+    qf = group_queries(q, keys.shape[1], head_mapping).reshape(B, -1, q.shape[-1])  # row h*w+i reads h // G
+    s = grouped_scores(qf.to(keys.dtype), keys, scale)  # [B, H*w, N] fp32
+    if valid is not None:
+        s.masked_fill_(~valid[:, None], NEG_INF)
+    s.sub_(s.amax(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).min)).exp_()
+    inv = s.sum(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny).reciprocal_()  # [B, H*w, 1]
+    if query_valid is not None:
+        inv = inv * query_valid[:, None, :].expand(B, H, -1).reshape(B, -1, 1)
+    vote = torch.bmm(inv.transpose(1, 2), s).squeeze(1)  # [B, N]
+    if valid is not None:
+        vote.masked_fill_(~valid, NEG_INF)
+    return vote
+
+
+def top_k(vote: torch.Tensor, k: int, pool: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` best candidates per row: (idx [B, k'] sorted ascending, valid [B, k']), k' = min(k, N).
+
+    vote [B, N] (-inf: not a candidate, never selected). `pool`: max-pool the votes (odd kernel,
+    stride 1, same length) so that neighbours of a strong token are kept too.
+    """
+    if pool is not None and pool > 1:
+        pooled = F.max_pool1d(vote[:, None], pool, stride=1, padding=pool // 2)[:, 0]
+        vote = pooled.masked_fill(torch.isneginf(vote), NEG_INF)
+    values, idx = vote.topk(min(k, vote.shape[1]), dim=1, sorted=False)
+    idx, order = idx.sort(dim=1)
+    return idx, values.gather(1, order) > NEG_INF
+
+
+@dataclass
+class SelectionState:
+    """The selection cache of one layer and sequence (paper Alg. 1), one entry per batch row."""
+
+    query: torch.Tensor  # [B, F] fp32: the scoring query that made each row's selection
+    mid: torch.Tensor  # [B, M] long: the selected candidates, sorted
+    mid_valid: torch.Tensor  # [B, M] bool
+    local_start: torch.Tensor  # [B] long: start of the local window when the selection was made
+
+
+def cache_hits(state: SelectionState | None, query: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rows whose query [B, F] may reuse the cached selection: cos(query, cached) >= theta.
+
+    theta = 0 always reuses (after a first selection), theta = 1 only for an identical query.
+    """
+    B = query.shape[0]
+    if state is None or state.query.shape != query.shape:
+        return torch.zeros(B, dtype=torch.bool, device=query.device)
+    if theta <= 0:
+        return torch.ones(B, dtype=torch.bool, device=query.device)
+    same = (query == state.query).all(dim=1)
+    return same | (F.cosine_similarity(query, state.query, dim=1) >= theta)
+
+
+def merge_rows(keep: torch.Tensor, old: SelectionState, new: SelectionState) -> SelectionState:
+    """Per row: `old` where keep [B] is True, else `new` (index sets padded to one width)."""
+    width = max(old.mid.shape[1], new.mid.shape[1])
+
+    def pad(t, value):
+        return F.pad(t, (0, width - t.shape[1]), value=value)
+
+    rows = keep[:, None]
+    return SelectionState(
+        torch.where(rows, old.query, new.query),
+        torch.where(rows, pad(old.mid, 0), pad(new.mid, 0)),
+        torch.where(rows, pad(old.mid_valid, False), pad(new.mid_valid, False)),
+        torch.where(keep, old.local_start, new.local_start),
+    )
+
+
+def assemble(
+    first: torch.Tensor,
+    n_init: int,
+    mid: torch.Tensor,
+    mid_valid: torch.Tensor,
+    local_start: torch.Tensor,
+    end: int,
+    key_valid: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The index set sinks ∪ mid ∪ [local_start, end), left-aligned: (idx [B, L], valid [B, L]).
+
+    first [B]: each row's first real token (sinks are [first, first + n_init)); mid [B, M] sorted
+    selections between the sinks and the local window; local_start [B]; key_valid [B, >= end] or None.
+    """
+    B, device = mid.shape[0], mid.device
+    sinks = first[:, None] + torch.arange(n_init, device=device)
+    width = end - int(local_start.min())
+    local = torch.arange(end - width, end, device=device).expand(B, width)
+    idx = torch.cat((sinks, mid, local), dim=1)
+    valid = torch.cat((sinks < local_start[:, None], mid_valid, local >= local_start[:, None]), dim=1)
+    idx = idx.clamp_(0, max(end - 1, 0))
+    if key_valid is not None:
+        valid &= key_valid.gather(1, idx)
+    if not bool(valid.all()):
+        order_key, order = torch.where(valid, idx, -1).sort(dim=1)
+        idx, valid = idx.gather(1, order), order_key >= 0
+        drop = int((~valid).sum(1).min())
+        idx, valid = idx[:, drop:], valid[:, drop:]
+    return idx, valid
+
+
+def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows idx [B, L] of t [B, Hk, N, D] -> [B, Hk, L, D] (only the selected rows are copied)."""
+    if t.shape[0] == 1:
+        return t.index_select(2, idx[0])
+    batch = torch.arange(t.shape[0], device=t.device)[:, None]
+    return t[batch, :, idx].transpose(1, 2)  # advanced indexing puts [B, L] first
+
+
+def attend_rows(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Attention of q [B, H, S, D] over gathered k/v [B, Hk, L, D] (GQA, no repeat) with a bool
+    mask [B, 1, S, L] (True = read) or None -> [B, S, H, D]. A fully masked row gives 0, as in SDPA."""
+    B, H, S, D = q.shape
+    Hk = k.shape[1]
+    if S == 1:  # decode: one [G, D] x [D, L] product per KV head beats SDPA's GQA path on CPU
+        scores = torch.matmul(q.reshape(B, Hk, H // Hk, D), k.transpose(-1, -2)).float().mul_(scale)
+        if mask is not None:
+            scores.masked_fill_(~mask, NEG_INF)
+        probs = scores.softmax(-1).nan_to_num_(0.0).to(v.dtype)
+        return torch.matmul(probs, v).reshape(B, H, 1, D).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hk != H)
+    return out.transpose(1, 2)
