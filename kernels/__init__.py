@@ -7,6 +7,8 @@ defines things; without triton installed only the torch references are used.
 
 Ops:
     grouped_scores(q [B, H, D], k [B, Hk, N, D], scale=None, *, backend=None) -> [B, H, N] fp32
+    softmax_head_sum(...)           per-head softmax over tokens, summed over heads (TokenSelect soft vote)
+    indexed_decode_attention(...)   decode attention over an index set (split-K), compact RoPE fused
 
 Submodules not imported here: ``tokaccel.kernels.aot`` (ahead-of-time compilation
 report), ``tokaccel.kernels.testing`` (tolerances and random inputs for tests).
@@ -26,6 +28,8 @@ from .dispatch import (
     resolve_backend,
 )
 from .grouped_scores import grouped_scores, grouped_scores_reference
+from .indexed_attention import indexed_decode_attention, indexed_decode_attention_reference
+from .soft_vote import softmax_head_sum, softmax_head_sum_reference
 
 __all__ = [
     "BACKENDS",
@@ -42,4 +46,8 @@ __all__ = [
     "resolve_backend",
     "grouped_scores",
     "grouped_scores_reference",
+    "softmax_head_sum",
+    "softmax_head_sum_reference",
+    "indexed_decode_attention",
+    "indexed_decode_attention_reference",
 ]

@@ -29,11 +29,13 @@ def _batch(length=40, pad=9, seed=1):
 
 
 @torch.no_grad()
-def _run(model, batch, steps=6):
-    """Prefill logits, per-step decode logits [steps, B, V], generated tokens, and the cache."""
+def _run(model, batch, steps=6, forward=True):
+    """Prefill logits of a plain forward (None if not `forward`), per-step logits of generate
+    [steps, B, V], the generated tokens, and generate's cache."""
     out = model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                          output_logits=True, return_dict_in_generate=True)
-    return model(**batch).logits, torch.stack(out.logits), out.sequences, out.past_key_values
+    prefill = model(**batch).logits if forward else None
+    return prefill, torch.stack(out.logits), out.sequences, out.past_key_values
 
 
 # ----------------------------------------------------------------------------- exactness
@@ -61,21 +63,35 @@ def test_exact_when_budget_covers_context(kind, mode, dense_fallback):
 
 @pytest.mark.parametrize("name", ["smollm2", "gemma3"])
 def test_exact_on_real_models(name, request):
-    """The real SmolLM2 (GQA 3) and Gemma3 (MQA, D=256, hybrid): sparse path with a covering
-    budget equals dense, in both position modes (sliding Gemma3 layers stay dense)."""
+    """The real SmolLM2 (GQA 3) and Gemma3 (MQA, D=256, 3 global of 18 layers): the sparse path
+    with a covering budget equals dense in both position modes, batch 2 with left padding."""
     model, tokenizer = request.getfixturevalue(name)
     tokenizer.padding_side = "left"
     batch = tokenizer(["The quick brown fox jumps over the lazy dog because it wanted to see the", "Paris is"],
                       return_tensors="pt", padding=True)
-    ref_prefill, ref_steps, ref_tokens, _ = _run(model, batch, steps=4)
-    real = batch["attention_mask"].bool()
+    _, ref_steps, ref_tokens, _ = _run(model, batch, steps=3, forward=False)
     for mode in ("compact", "original"):
         with tokaccel.patched(model, "tokenselect", k=64, n_init=2, n_local=4, chunk=8, position_mode=mode,
                               dense_fallback=False):
-            prefill, steps, tokens, _ = _run(model, batch, steps=4)
-        assert (prefill - ref_prefill)[real].abs().max() <= 1e-4, mode
+            _, steps, tokens, cache = _run(model, batch, steps=3, forward=False)
+            counters = tokaccel.stats(model)
         assert (steps - ref_steps).abs().max() <= 1e-4, mode
         assert torch.equal(tokens, ref_tokens), mode
+        assert counters["sparse_calls"] > 0
+    kinds = {type(layer) for layer in cache.layers}
+    assert kinds == ({SelectionLayer, DynamicSlidingWindowLayer} if name == "gemma3" else {SelectionLayer})
+
+
+def test_exact_without_a_cache():
+    """use_cache=False: no cache layer; compact mode un-rotates the call's own keys."""
+    model, batch = _tiny("llama"), _batch()
+    with torch.no_grad():
+        ref = model(**batch, use_cache=False).logits
+        for mode in ("compact", "original"):
+            with tokaccel.patched(model, "tokenselect", k=40, n_init=4, n_local=8, chunk=16, position_mode=mode,
+                                  dense_fallback=False):
+                got = model(**batch, use_cache=False).logits
+            assert (got - ref)[batch["attention_mask"].bool()].abs().max() <= 1e-4, mode
 
 
 # ----------------------------------------------------------------------------- selection
@@ -204,3 +220,224 @@ def test_selection_cache_accounting(theta, mode):
         assert counters["selection_hit_rate"] == pytest.approx((steps - 2) / (steps - 1))
     if theta == 1.0:  # consecutive queries differ: every lookup is a miss
         assert counters["selection_hits"] == 0
+
+
+def test_last_prompt_chunk_votes_with_its_tail_queries(monkeypatch):
+    """Chunks select with their mean query, except the chunk holding the prompt's last token,
+    which sums the per-query votes of its last `tail` queries (tail=0: the paper's mean)."""
+    seen = []
+    original = TokenSelect.vote
+
+    def spy(self, q, keys, scale, valid, query_valid=None):
+        seen.append(tuple(q.shape))
+        return original(self, q, keys, scale, valid, query_valid)
+
+    monkeypatch.setattr(TokenSelect, "vote", spy)
+    model = _tiny("llama")
+    ids = torch.randint(1, 128, (1, 70), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for tail, last in ((5, (1, 4, 5, 16)), (0, (1, 4, 16))):
+            seen.clear()
+            with tokaccel.patched(model, "tokenselect", k=4, n_init=2, n_local=4, chunk=16, tail=tail):
+                model(ids)
+            per_layer = seen[:len(seen) // 2]  # 2 layers, same shapes
+            assert per_layer[:-1] == [(1, 4, 16)] * (len(per_layer) - 1)  # mean query per chunk
+            assert per_layer[-1] == last
+
+
+def test_stored_keys_are_one_pre_rope_copy():
+    """Compact mode stores un-rotated keys: rotating them back gives dense's cache; the layer holds
+    one copy (plus at most GROW tokens of headroom), never K twice. (A covering budget, so that
+    both runs compute the same keys in every layer.)"""
+    model, batch = _tiny("llama"), _batch(length=300, pad=9)
+    _, _, _, dense_cache = _run(model, batch, steps=3, forward=False)
+    with tokaccel.patched(model, "tokenselect", k=300, n_init=4, n_local=8, chunk=64) as patched_model:
+        _, _, _, cache = _run(patched_model, batch, steps=3, forward=False)
+        rope = patched_model.model.layers[0].self_attn.__dict__["_tokaccel_ctx"].state.rope
+    positions = (batch["attention_mask"].cumsum(1) - 1).clamp_min(0)
+    positions = torch.cat((positions, positions[:, -1:] + torch.arange(1, 3)), dim=1)  # 2 decode steps
+    for dense, layer in zip(dense_cache.layers, cache.layers):
+        assert isinstance(layer, SelectionLayer) and type(dense) is DynamicLayer
+        assert layer.keys.shape == dense.keys.shape and layer.keys.nbytes == dense.keys.nbytes
+        assert dense.keys.nbytes + dense.values.nbytes <= layer.allocated_bytes()
+        assert layer.allocated_bytes() <= dense.keys.nbytes + dense.values.nbytes + 2 * 2 * 2 * 16 * 4 * GROW
+        cos, sin = rope(int(positions.max()) + 1, torch.device("cpu"), torch.float32)
+        rotated = rotate(layer.keys, cos[positions], sin[positions])
+        real = torch.cat((batch["attention_mask"], torch.ones(2, 2, dtype=torch.long)), 1).bool()
+        torch.testing.assert_close(rotated.transpose(1, 2)[real], dense.keys.transpose(1, 2)[real],
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.values, dense.values)
+
+
+def test_rope_unrotate_inverts_rotate():
+    model = _tiny("llama")
+    rotary = find_rotary_embedding(model, model.model.layers[0].self_attn.config)
+    assert rotary is model.model.rotary_emb
+    positions = torch.tensor([[0, 5, 17, 300], [3, 3, 9, 511]])
+    probe = torch.empty(0)
+    cos, sin = rotary(probe, positions)
+    k = torch.randn(2, 2, 4, 16)
+    torch.testing.assert_close(unrotate(rotate(k, cos, sin), cos, sin), k, rtol=0, atol=2e-6)
+    # the table reproduces the model's own cos/sin; a scaled rope (attention_scaling != 1) inverts too
+    table_cos, table_sin = RopeTable(rotary)(512, torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(table_cos[positions], cos)
+    torch.testing.assert_close(table_sin[positions], sin)
+    torch.testing.assert_close(unrotate(rotate(k, 1.3 * cos, 1.3 * sin), 1.3 * cos, 1.3 * sin, scaling=1.3), k,
+                               rtol=0, atol=5e-6)
+    # partial rotary (R < D): the remaining dims pass through
+    cos8, sin8 = (torch.cat((t[..., :4], t[..., :4]), dim=-1) for t in (cos, sin))  # 4 pairs of dims
+    part = rotate(k, cos8, sin8)
+    assert torch.equal(part[..., 8:], k[..., 8:])
+    torch.testing.assert_close(unrotate(part, cos8, sin8), k, rtol=0, atol=2e-6)
+    # Gemma3's rotary takes a layer type; the table passes it
+    gemma = _tiny("gemma3")
+    table = RopeTable(gemma.model.rotary_emb, "full_attention")
+    cos_g, _ = gemma.model.rotary_emb(probe, positions, "full_attention")
+    torch.testing.assert_close(table(512, torch.device("cpu"), torch.float32)[0][positions], cos_g)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("config,match", [
+    ({"k": 0}, r"k=0 .*integer >= 1"),
+    ({"k": -5}, r"k=-5 .*integer >= 1"),
+    ({"k": 2.5}, r"k=2.5 .*integer >= 1"),
+    ({"theta": 1.5}, r"theta=1.5 .*\[0, 1\]"),
+    ({"theta": -0.1}, r"theta=-0.1 .*\[0, 1\]"),
+    ({"chunk": 0}, r"chunk=0 .*integer >= 1"),
+    ({"n_init": -1}, r"n_init=-1 .*integer >= 0"),
+    ({"n_local": 0}, r"n_local=0 .*integer >= 1"),
+    ({"pool": 4}, r"pool=4 .*odd integer"),
+    ({"tail": -1}, r"tail=-1 .*integer >= 0"),
+    ({"position_mode": "absolute"}, r"position_mode='absolute' .*compact.*original"),
+    ({"head_mapping": "mod"}, r"head_mapping='mod' .*group.*release_mod"),
+    ({"dense_fallback": "yes"}, r"dense_fallback='yes'"),
+])
+def test_bad_config_is_refused(config, match):
+    with pytest.raises(ValueError, match=match):
+        TokenSelect(**config)
+    with pytest.raises(ValueError, match=match):
+        tokaccel.patch_model(_tiny("llama"), "tokenselect", **config)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['kk'\]"):
+        tokaccel.make_policy("tokenselect:kk=3")
+
+
+def test_defaults_and_registry():
+    policy = tokaccel.make_policy("tokenselect:k=1024,theta=0.8")
+    assert isinstance(policy, TokenSelect) and policy.k == 1024 and policy.theta == 0.8
+    assert "tokenselect" in tokaccel.policies()
+    default = TokenSelect()
+    assert (default.k, default.n_init, default.n_local, default.chunk, default.theta) == (2048, 128, 512, 512, 0.9)
+    assert default.position_mode == "compact" and default.head_mapping == "group" and default.pool is None
+    assert default.budget == 2048 + 128 + 512
+
+
+def test_unsupported_models_and_caches_are_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=64)).eval()
+    with pytest.raises(NotImplementedError, match="rotary embedding.*position_mode='original'"):
+        tokaccel.patch_model(gpt2, "tokenselect")
+    assert tokaccel.get_policy(gpt2) is None  # a failed patch leaves the model as it was
+    model, batch = _tiny("llama"), _batch()
+    with torch.no_grad(), tokaccel.patched(model, "tokenselect", k=4, n_init=2, n_local=4):
+        with pytest.raises(ValueError, match="StaticLayer.*dynamic cache"):
+            model(**batch, past_key_values=StaticCache(config=model.config, max_cache_len=64))
+    filled = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(**batch, past_key_values=filled)  # written without tokaccel
+        with tokaccel.patched(model, "tokenselect", k=4, n_init=2, n_local=4):
+            with pytest.raises(ValueError, match="already holds 40 tokens written without tokaccel"):
+                model(input_ids=batch["input_ids"][:, :1], past_key_values=filled)
+
+
+def test_batch_with_mixed_hits_and_misses(monkeypatch):
+    """Row 0 reuses its selection while row 1 re-selects (merge_rows): row 0 keeps its old local
+    window start and grows by one token per step; the accounting is per row."""
+    from tokaccel.policies import tokenselect as module
+
+    def first_row_hits(state, query, theta):
+        return cache_hits(state, query, theta) if state is None else torch.tensor([True, False])
+
+    monkeypatch.setattr(module, "cache_hits", first_row_hits)
+    model, batch = _tiny("qwen2"), _batch(length=80, pad=30)
+    steps, layers = 6, 2
+    with tokaccel.patched(model, "tokenselect", k=8, n_init=2, n_local=4, chunk=32):
+        _, logits, tokens, cache = _run(model, batch, steps=steps, forward=False)
+        counters = tokaccel.stats(model)
+    assert torch.isfinite(logits).all()
+    assert counters["selection_hits"] == layers * (steps - 2)
+    assert counters["selection_misses"] == layers * (2 + steps - 2)
+    state = cache.layers[0].selection
+    n = cache.layers[0].get_seq_length()
+    assert state.local_start.tolist() == [n - 4 - (steps - 2), n - 4]  # row 0: window of the first step
+
+
+def test_beam_search_lazy_cache_and_continued_generation():
+    """Beam search (reorder_cache), a cache built without a config (layers appear lazily), and a
+    second generate on the same cache (a prefill with past tokens): all equal dense."""
+    model, batch = _tiny("llama"), _batch(length=60)
+    more_ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(5))
+
+    def run():
+        beams = model.generate(**batch, max_new_tokens=5, num_beams=3, do_sample=False)
+        cache = DynamicCache()
+        first = model.generate(**batch, max_new_tokens=5, do_sample=False, past_key_values=cache)
+        ids = torch.cat((first, more_ids), dim=1)
+        mask = torch.cat((batch["attention_mask"], torch.ones(2, 12, dtype=torch.long)), dim=1)
+        second = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                past_key_values=cache)
+        return beams, second, cache
+
+    with torch.no_grad():
+        ref_beams, ref_second, _ = run()
+        for mode in ("compact", "original"):
+            with tokaccel.patched(model, "tokenselect", k=100, n_init=2, n_local=4, chunk=16, position_mode=mode,
+                                  dense_fallback=False):
+                beams, second, cache = run()
+            assert torch.equal(beams, ref_beams) and torch.equal(second, ref_second), mode
+            assert all(isinstance(layer, SelectionLayer) for layer in cache.layers)
+
+
+def test_sliding_window_only_model_is_refused():
+    """Mistral's tiny config slides over 8 tokens in every layer: no layer for TokenSelect, so it
+    refuses clearly (dense still patches, and keeps the window)."""
+    model, batch = tiny_model("mistral"), _batch()
+    with pytest.raises(NotImplementedError, match="tokenselect: no layer"):
+        tokaccel.patch_model(model, "tokenselect", k=4, n_init=2, n_local=4, chunk=8)
+    assert tokaccel.get_policy(model) is None
+    ref_prefill, ref_steps, ref_tokens, _ = _run(model, batch)
+    with tokaccel.patched(model, "dense"):
+        prefill, steps, tokens, cache = _run(model, batch)
+        counters = tokaccel.stats(model)
+    assert counters["dense_calls"] > 0 and counters["keys_read"] < counters["query_tokens"] * batch["input_ids"].shape[1]
+    assert torch.equal(tokens, ref_tokens) and (steps - ref_steps).abs().max() <= 1e-5
+
+
+def _passkey_ids(tokenizer, n_tokens, depth, key):
+    """A chat prompt of ~n_tokens: filler with the pass key at `depth`, answer prefix included."""
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    reps = (n_tokens - 60) // len(tokenizer(filler, add_special_tokens=False)["input_ids"])
+    at = int(reps * depth)
+    text = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will "
+            "quiz you about the important information there.\n" + filler * at
+            + f"The pass key is {key}. Remember it. {key} is the pass key. " + filler * (reps - at))
+    messages = [{"role": "user", "content": text + "\nWhat is the pass key?"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(prompt + "The pass key is", return_tensors="pt", add_special_tokens=False)
+
+
+def test_passkey_with_a_small_budget(smollm2):
+    """Real SmolLM2, ~1.45K tokens, k=256 (896 tokens read per step): the pass key sits at depth
+    0.5 (token ~720), outside the decode steps' local window, and is still found (dense finds it
+    too; dense SmolLM2 misses depths 0.1 and 0.3 at this length); the selection cache hits."""
+    model, tokenizer = smollm2
+    ids = _passkey_ids(tokenizer, 1500, 0.5, "15306")
+    n = ids["input_ids"].shape[1]
+    with torch.no_grad(), tokaccel.patched(model, "tokenselect", k=256):
+        out = model.generate(**ids, max_new_tokens=7, do_sample=False)
+        counters = tokaccel.stats(model)
+    assert "15306" in tokenizer.decode(out[0, n:]), tokenizer.decode(out[0, n:])
+    assert counters["keys_read_per_call"] < n
+    assert 0 < counters["selection_hit_rate"] < 1

@@ -16,12 +16,15 @@ builds) for the layers a selection policy runs on; other layers are left alone. 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .rope import unrotate
+
+logger = logging.getLogger(__name__)
 
 GROW = 256  # tokens of headroom per reallocation
 
@@ -111,6 +114,7 @@ def install_selection_layer(cache: Cache, layer_idx: int, pre_rope: bool, rope_s
         layers.append(cache.layer_class_to_replicate())
     if len(layers) == layer_idx:
         layers.append(SelectionLayer(pre_rope, rope_scaling))
+        logger.debug("cache layer %d: %r added", layer_idx, layers[layer_idx])
     layer = layers[layer_idx]
     if isinstance(layer, SelectionLayer):
         if layer.pre_rope != pre_rope:
@@ -124,4 +128,5 @@ def install_selection_layer(cache: Cache, layer_idx: int, pre_rope: bool, rope_s
         raise ValueError(f"cache layer {layer_idx} already holds {layer.get_seq_length()} tokens written without "
                          "tokaccel; patch the model before filling the cache, or start from a new cache")
     layers[layer_idx] = SelectionLayer(pre_rope, rope_scaling)
+    logger.debug("cache layer %d: DynamicLayer replaced by %r", layer_idx, layers[layer_idx])
     return layers[layer_idx]

@@ -97,8 +97,13 @@ def _layer_info(module: torch.nn.Module) -> LayerInfo:
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(module, "head_dim", None) or getattr(config, "head_dim", None) or config.hidden_size // num_heads
     layer_types = getattr(config, "layer_types", None)
-    sliding = getattr(module, "sliding_window", None)
-    layer_type = layer_types[module.layer_idx] if layer_types else ("sliding_attention" if sliding else "full_attention")
+    if layer_types:
+        layer_type = layer_types[module.layer_idx]
+        sliding = getattr(module, "sliding_window", None) or getattr(config, "sliding_window", None)
+        sliding = sliding if layer_type == "sliding_attention" else None
+    else:  # e.g. Mistral: no layer_types, one `config.sliding_window` (None or a size) for every layer
+        sliding = getattr(module, "sliding_window", None) or getattr(config, "sliding_window", None)
+        layer_type = "sliding_attention" if sliding else "full_attention"
     return LayerInfo(module.layer_idx, num_heads, num_kv_heads, head_dim, sliding, layer_type)
 
 
@@ -148,6 +153,7 @@ def patch_model(model: torch.nn.Module, policy: str | Policy = "dense", **config
             info=info,
             policy=policy if active else None,
             stats=stats,
+            module=module,
             state=policy.new_layer_state(info) if active else None,
             mask_kind=mask_kind,
         )

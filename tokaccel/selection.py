@@ -4,7 +4,7 @@ A *scorer* turns queries and candidate keys into one vote per candidate token ([
 -inf for non-candidates). The *selector* is shared by every selection policy: top-k of the votes,
 plus the attention sinks (first `n_init` real tokens of each row) and the local window, with a
 selection cache that reuses the previous index set while the query barely moves. The result is
-one sorted index set per batch row, shared by all heads, read through `gather_rows`.
+one sorted index set per batch row, shared by all heads.
 
 Index sets are *left-aligned*: invalid entries (padding, rows with fewer candidates than `k`)
 come first and are masked, valid entries follow in increasing position order. Compact positions
@@ -52,17 +52,17 @@ def soft_vote(
     Two passes over the logits: max and exp-sum per (head, query), then one normalised head sum.
     """
     from .kernels import grouped_scores  # lazy: keeps `import tokaccel` free of triton
+    from .kernels.soft_vote import softmax_head_sum
 
     B, H = q.shape[:2]
     qf = group_queries(q, keys.shape[1], head_mapping).reshape(B, -1, q.shape[-1])  # row h*w+i reads h // G
     s = grouped_scores(qf.to(keys.dtype), keys, scale)  # [B, H*w, N] fp32
     if valid is not None:
         s.masked_fill_(~valid[:, None], NEG_INF)
-    s.sub_(s.amax(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).min)).exp_()
-    inv = s.sum(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny).reciprocal_()  # [B, H*w, 1]
+    weights = None
     if query_valid is not None:
-        inv = inv * query_valid[:, None, :].expand(B, H, -1).reshape(B, -1, 1)
-    vote = torch.bmm(inv.transpose(1, 2), s).squeeze(1)  # [B, N]
+        weights = query_valid[:, None, :].expand(B, H, -1).reshape(B, -1).float()
+    vote = softmax_head_sum(s, weights, overwrite=True)  # [B, N]
     if valid is not None:
         vote.masked_fill_(~valid, NEG_INF)
     return vote
@@ -153,26 +153,11 @@ def assemble(
     return idx, valid
 
 
-def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows idx [B, L] of t [B, Hk, N, D] -> [B, Hk, L, D] (only the selected rows are copied)."""
-    if t.shape[0] == 1:
-        return t.index_select(2, idx[0])
-    batch = torch.arange(t.shape[0], device=t.device)[:, None]
-    return t[batch, :, idx].transpose(1, 2)  # advanced indexing puts [B, L] first
-
-
 def attend_rows(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
     """Attention of q [B, H, S, D] over gathered k/v [B, Hk, L, D] (GQA, no repeat) with a bool
-    mask [B, 1, S, L] (True = read) or None -> [B, S, H, D]. A fully masked row gives 0, as in SDPA."""
-    B, H, S, D = q.shape
-    Hk = k.shape[1]
-    if S == 1:  # decode: one [G, D] x [D, L] product per KV head beats SDPA's GQA path on CPU
-        scores = torch.matmul(q.reshape(B, Hk, H // Hk, D), k.transpose(-1, -2)).float().mul_(scale)
-        if mask is not None:
-            scores.masked_fill_(~mask, NEG_INF)
-        probs = scores.softmax(-1).nan_to_num_(0.0).to(v.dtype)
-        return torch.matmul(probs, v).reshape(B, H, 1, D).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hk != H)
+    mask [B, 1, S, L] (True = read) or None -> [B, S, H, D]. A fully masked row gives 0, as in SDPA.
+    (Decode, S = 1, uses `tokaccel.kernels.indexed_decode_attention`, which also gathers.)"""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     return out.transpose(1, 2)

@@ -35,6 +35,7 @@ class LayerContext:
     info: LayerInfo
     policy: "Policy | None"
     stats: Stats
+    module: torch.nn.Module = field(default=None, repr=False, compare=False)  # the patched attention module
     state: Any = None
     mask_kind: str = "sdpa"  # which mask function built `attention_mask`: "sdpa" or "flash"
     # Filled by a forward pre-hook when the policy sets `captures_layer_inputs`:

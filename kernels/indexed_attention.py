@@ -1,0 +1,125 @@
+"""Decode attention that reads K/V through an index set, with compact RoPE fused in.
+
+Shapes (notation of METHODS.md): ``B`` batch, ``H`` query heads, ``Hk`` KV heads, ``G = H // Hk``,
+``N`` cached tokens, ``L`` selected tokens, ``D`` head dim, ``P >= L`` rope table rows.
+
+    q        [B, H, D]        one query per head (pre-RoPE when cos/sin are given)
+    k, v     [B, Hk, N, D]    the cache, NOT repeated for GQA (pre-RoPE keys when cos/sin are given)
+    idx      [B, L] int64     cache rows to read, one set per batch row shared by all heads
+    start    [B] int64        columns < start[b] are padding (index sets are left-aligned)
+    cos, sin [P, D] fp32      optional rope table ("compact" positions): column j is rotated to
+                              position j and the query to position L - 1
+    out      [B, H, D]        softmax(scale * q . k[idx]^T) v[idx], q's dtype
+
+Query head ``h`` reads KV head ``h // G``. Logits, softmax and accumulation are fp32; the rotated
+q/k are rounded to the input dtype before their product (as a model's own RoPE would be). A row
+with no valid column gives 0. Only the L selected rows of K and V are read.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .dispatch import HAS_TRITON, register_op
+
+__all__ = ["indexed_decode_attention", "indexed_decode_attention_reference",
+           "check_indexed_decode_attention_inputs", "gather_rows", "rotate_rows"]
+
+
+def check_indexed_decode_attention_inputs(q, k, v, idx, start, scale, cos=None, sin=None) -> None:
+    """Raise ValueError (TypeError for non-tensors) naming what is wrong with the inputs."""
+    name = "indexed_decode_attention"
+    for label, t in (("q", q), ("k", k), ("v", v), ("idx", idx), ("start", start)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {label} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 3 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"{name}: expected q [B, H, D], k = v [B, Hk, N, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D or k.shape[1] == 0 or H % k.shape[1]:
+        raise ValueError(f"{name}: q {tuple(q.shape)} does not match k {tuple(k.shape)} (H must be a multiple of Hk)")
+    if idx.dim() != 2 or idx.shape[0] != B or idx.dtype != torch.long:
+        raise ValueError(f"{name}: idx must be int64 [B, L], got {idx.dtype} {tuple(idx.shape)}")
+    if tuple(start.shape) != (B,) or start.dtype not in (torch.long, torch.int32):
+        raise ValueError(f"{name}: start must be an integer [B] tensor, got {start.dtype} {tuple(start.shape)}")
+    if q.dtype != k.dtype or v.dtype != k.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"{name}: q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if (cos is None) != (sin is None):
+        raise ValueError(f"{name}: give both cos and sin, or neither")
+    if cos is not None:
+        if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[0] < idx.shape[1] or cos.shape[1] > D \
+                or cos.shape[1] % 2 or cos.dtype != torch.float32:
+            raise ValueError(f"{name}: cos/sin must be fp32 [P >= L, R <= D] with R even, got {cos.dtype} "
+                             f"{tuple(cos.shape)} for L={idx.shape[1]}, D={D}")
+    devices = {t.device for t in (q, k, v, idx, start) + ((cos, sin) if cos is not None else ())}
+    if len(devices) != 1:
+        raise ValueError(f"{name}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise ValueError(f"{name}: scale must be a number, got {scale!r}")
+
+
+def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows idx [B, L] of t [B, Hk, N, D] -> [B, Hk, L, D] (only the selected rows are copied)."""
+    if t.shape[0] == 1:
+        return t.index_select(2, idx[0])
+    batch = torch.arange(t.shape[0], device=t.device)[:, None]
+    return t[batch, :, idx].transpose(1, 2)  # advanced indexing puts [B, L] first
+
+
+def rotate_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE (HF ``rotate_half`` layout) of x [..., S, D] with fp32 cos/sin [S, R], R <= D, computed in
+    fp32 and rounded to x's dtype; dims >= R pass through."""
+    rot = cos.shape[-1]
+    xr = x[..., :rot].float()
+    half = rot // 2
+    out = xr * cos + torch.cat((-xr[..., half:], xr[..., :half]), dim=-1) * sin
+    out = out.to(x.dtype)
+    return out if rot == x.shape[-1] else torch.cat((out, x[..., rot:]), dim=-1)
+
+
+def indexed_decode_attention_reference(q, k, v, idx, start, scale, cos=None, sin=None) -> torch.Tensor:
+    """Torch reference of :func:`indexed_decode_attention` (also the CPU implementation): gathers
+    the L rows once, one [G, D] x [D, L] product per KV head (K is never repeated)."""
+    B, H, D = q.shape
+    Hk, L = k.shape[1], idx.shape[1]
+    ks, vs = gather_rows(k, idx), gather_rows(v, idx)
+    if cos is not None:
+        ks = rotate_rows(ks, cos[:L], sin[:L])
+        q = rotate_rows(q, cos[L - 1:L], sin[L - 1:L])
+    scores = torch.matmul(q.reshape(B, Hk, H // Hk, D), ks.transpose(-1, -2)).float().mul_(scale)
+    if bool((start > 0).any()):
+        pad = torch.arange(L, device=q.device) < start[:, None]  # [B, L]
+        scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    probs = scores.softmax(-1).nan_to_num_(0.0).to(vs.dtype)
+    return torch.matmul(probs, vs).reshape(B, H, D)
+
+
+if HAS_TRITON:
+    from ._indexed_attention_triton import indexed_decode_attention_triton as _triton_launcher
+else:  # pragma: no cover - depends on the environment
+    _triton_launcher = None
+
+_OP = register_op("indexed_decode_attention", indexed_decode_attention_reference, _triton_launcher)
+
+
+def indexed_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    start: torch.Tensor,
+    scale: float,
+    cos: Optional[torch.Tensor] = None,
+    sin: Optional[torch.Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Attention of one query per head over the cache rows ``idx`` (see the module docstring).
+
+    Returns ``[B, H, D]`` in q's dtype. ``backend``: ``"torch"``, ``"triton"`` or None (automatic).
+    The Triton kernel splits the L columns over programs (split-K) and merges the partial
+    softmaxes; partial rotary (R < D) runs the reference.
+    """
+    check_indexed_decode_attention_inputs(q, k, v, idx, start, scale, cos, sin)
+    return _OP(q, k, v, idx, start, float(scale), cos, sin, backend=backend)

@@ -1,0 +1,106 @@
+"""Runs softmax_head_sum / indexed_decode_attention Triton-vs-reference cases; meant for a process
+with TRITON_INTERPRET=1 (see interp_worker.py for why).
+
+Usage: python selection_interp_worker.py CASES.json RESULTS.json (test_selection_kernels.py drives it).
+"""
+import json
+import sys
+import time
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def rope_table(P, R):
+    """fp32 cos/sin [P, R] in HF's rotate_half layout (halves duplicated)."""
+    import torch
+
+    angles = torch.arange(P, dtype=torch.float32)[:, None] * (1e4 ** (-torch.arange(0, R, 2) / R))[None]
+    emb = torch.cat((angles, angles), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def vote_inputs(c):
+    """scores [B, R, N] with masked prefixes, one fully masked row, and weights (or None)."""
+    import torch
+
+    from tokaccel.kernels.testing import randn
+
+    B, R, N = c["B"], c["R"], c["N"]
+    scores = randn((B, R, N), seed=c.get("seed", 0), std=c.get("std", 3.0))
+    if c.get("masked") and N:
+        scores[:, :, : N // 3] = float("-inf")
+        scores[0, 0] = float("-inf")
+    weights = None
+    if c.get("weights"):
+        weights = torch.rand(B, R, generator=torch.Generator().manual_seed(1))
+        weights[:, 0] = 0.0
+    return scores, weights
+
+
+def attention_inputs(c):
+    """q, k, v (cache view with headroom when "strided"), idx [B, L] sorted, start, cos/sin or None."""
+    import torch
+
+    from tokaccel.kernels.testing import randn
+
+    dtype = getattr(torch, DTYPES[c["dtype"]])
+    B, H, Hk, N, D, L = c["B"], c["G"] * c["Hk"], c["Hk"], c["N"], c["D"], c["L"]
+    seed = c.get("seed", 0)
+    room = 29 if c.get("strided") else 0
+    q = randn((B, H, D), dtype, seed=seed)
+    k = randn((B, Hk, N + room, D), dtype, seed=seed + 1)[:, :, :N]
+    v = randn((B, Hk, N + room, D), dtype, seed=seed + 2)[:, :, :N]
+    g = torch.Generator().manual_seed(seed + 3)
+    idx = torch.stack([torch.randperm(N, generator=g)[:L].sort().values for _ in range(B)])
+    start = torch.tensor([min(c.get("pad", 0) * b, L) for b in range(B)], dtype=torch.long)
+    cos = sin = None
+    if c.get("rope"):
+        cos, sin = rope_table(L + 5, c.get("rot", D))
+    return q, k, v, idx, start, cos, sin
+
+
+def run_cases(cases):
+    import torch
+
+    from tokaccel.kernels import interpret_enabled
+    from tokaccel.kernels._indexed_attention_triton import indexed_decode_attention_triton
+    from tokaccel.kernels._soft_vote_triton import softmax_head_sum_triton
+    from tokaccel.kernels.indexed_attention import indexed_decode_attention, indexed_decode_attention_reference
+    from tokaccel.kernels.soft_vote import softmax_head_sum, softmax_head_sum_reference
+    from tokaccel.kernels.testing import assert_close
+
+    out = {"interpret_enabled": interpret_enabled(), "cases": {}}
+    for c in cases:
+        t0 = time.perf_counter()
+        try:
+            if c["op"] == "vote":
+                scores, weights = vote_inputs(c)
+                ref = softmax_head_sum_reference(scores.clone(), weights)
+                if c.get("splits"):
+                    res = softmax_head_sum_triton(scores, weights, splits=c["splits"])
+                else:
+                    res = softmax_head_sum(scores, weights, backend="triton")
+                assert_close(res, ref, dtype=torch.float32, name=c["id"])
+            else:
+                args = attention_inputs(c)
+                ref = indexed_decode_attention_reference(*args[:5], 0.125, *args[5:])
+                if c.get("splits"):
+                    res = indexed_decode_attention_triton(*args[:5], 0.125, *args[5:], splits=c["splits"])
+                else:
+                    res = indexed_decode_attention(*args[:5], 0.125, *args[5:], backend="triton")
+                if res.dtype != args[0].dtype or res.shape != args[0].shape:
+                    raise AssertionError(f"bad output {res.dtype} {tuple(res.shape)}")
+                assert_close(res, ref, name=c["id"])
+            ok, msg = True, ""
+        except Exception as e:  # reported to the parent test
+            ok, msg = False, f"{type(e).__name__}: {e}"
+        out["cases"][c["id"]] = {"ok": ok, "msg": msg, "seconds": round(time.perf_counter() - t0, 3)}
+    return out
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        cases = json.load(f)
+    result = run_cases(cases)
+    with open(sys.argv[2], "w") as f:
+        json.dump(result, f, indent=1)

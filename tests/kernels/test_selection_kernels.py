@@ -1,0 +1,173 @@
+"""TokenSelect's kernels: softmax_head_sum (soft vote) and indexed_decode_attention (split-K over an
+index set, compact RoPE fused).
+
+* the torch references against naive per-row / per-head loops (in process, no Triton);
+* the Triton kernels against the references under Triton's interpreter (child process with
+  TRITON_INTERPRET=1, as in test_grouped_scores_interpret.py): odd shapes, GQA groups 1/3/4/8,
+  D 64/80/128/256, fp32/fp16/bf16, padding, forced splits, strided caches;
+* ahead-of-time compilation for sm_80 and sm_90 without spills.
+"""
+import importlib.util
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokaccel.kernels import HAS_TRITON, interpret_enabled, resolve_backend
+from tokaccel.kernels.indexed_attention import gather_rows, indexed_decode_attention, rotate_rows
+from tokaccel.kernels.soft_vote import softmax_head_sum, softmax_head_sum_reference
+
+WORKER = Path(__file__).with_name("selection_interp_worker.py")
+KERNEL_NAMES = ["softmax_row_stats", "softmax_head_sum", "indexed_decode_attention"]
+
+
+def _worker():
+    spec = importlib.util.spec_from_file_location("selection_interp_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def test_softmax_head_sum_reference_matches_a_loop():
+    worker = _worker()
+    scores, weights = worker.vote_inputs({"B": 2, "R": 5, "N": 31, "masked": True, "weights": True})
+    expect = torch.zeros(2, 31, dtype=torch.float64)
+    for b in range(2):
+        for r in range(5):
+            if torch.isfinite(scores[b, r]).any():
+                expect[b] += weights[b, r].double() * torch.softmax(scores[b, r].double(), dim=0)
+    torch.testing.assert_close(softmax_head_sum_reference(scores.clone(), weights).double(), expect)
+    copy = scores.clone()
+    torch.testing.assert_close(softmax_head_sum_reference(copy, weights, overwrite=True),
+                               softmax_head_sum_reference(scores, weights))
+    assert not torch.equal(copy, scores)  # overwrite really reused the buffer
+    assert resolve_backend(None, [scores]) == ("triton" if interpret_enabled() else "torch")
+
+
+def _naive_attention(q, k, v, idx, start, scale, cos, sin):
+    B, H, D = q.shape
+    G = H // k.shape[1]
+    out = torch.zeros(B, H, D, dtype=torch.float64)
+    for b in range(B):
+        rows = idx[b, start[b]:]
+        L = idx.shape[1]
+        for h in range(H):
+            keys = k[b, h // G, rows].double()
+            query = q[b, h].double()
+            if cos is not None:
+                positions = torch.arange(start[b], L)
+                keys = rotate_rows(keys.float(), cos[positions], sin[positions]).double()
+                query = rotate_rows(q[b, h][None].float(), cos[L - 1:L], sin[L - 1:L])[0].double()
+            p = torch.softmax(keys @ query * scale, dim=0)
+            out[b, h] = p @ v[b, h // G, rows].double()
+    return out
+
+
+@pytest.mark.parametrize("G,Hk,rope", [(3, 3, True), (4, 1, True), (1, 2, False), (8, 2, False)])
+def test_indexed_attention_reference_matches_a_loop(G, Hk, rope):
+    worker = _worker()
+    case = {"B": 2, "G": G, "Hk": Hk, "N": 70, "D": 32, "L": 23, "dtype": "fp32", "rope": rope, "pad": 5,
+            "strided": True}
+    q, k, v, idx, start, cos, sin = worker.attention_inputs(case)
+    got = indexed_decode_attention(q, k, v, idx, start, 0.3, cos, sin)
+    torch.testing.assert_close(got.double(), _naive_attention(q, k, v, idx, start, 0.3, cos, sin),
+                               rtol=1e-5, atol=1e-6)
+    # every column padded: 0, like SDPA on a fully masked row
+    empty = indexed_decode_attention(q, k, v, idx, torch.full((2,), 23), 0.3, cos, sin)
+    assert torch.equal(empty, torch.zeros_like(empty))
+    assert torch.equal(gather_rows(k, idx)[1, :, 4], k[1, :, idx[1, 4]])
+
+
+def test_bad_inputs_are_refused():
+    q, k = torch.zeros(1, 4, 8), torch.zeros(1, 2, 10, 8)
+    idx, start = torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match="scores must be fp32"):
+        softmax_head_sum(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="weights must be fp32 \\(2, 3\\)"):
+        softmax_head_sum(torch.zeros(2, 3, 4), torch.zeros(3))
+    with pytest.raises(ValueError, match="idx must be int64"):
+        indexed_decode_attention(q, k, k, idx.int(), start, 1.0)
+    with pytest.raises(ValueError, match="multiple of Hk"):
+        indexed_decode_attention(torch.zeros(1, 3, 8), k, k, idx, start, 1.0)
+    with pytest.raises(ValueError, match="both cos and sin"):
+        indexed_decode_attention(q, k, k, idx, start, 1.0, torch.zeros(3, 8))
+    with pytest.raises(ValueError, match="P >= L"):
+        indexed_decode_attention(q, k, k, idx, start, 1.0, torch.zeros(2, 8), torch.zeros(2, 8))
+
+
+# ----------------------------------------------------------------------------- Triton (interpreter)
+
+
+def _cases():
+    cases = []
+    for B, R, N, masked, weights, splits in [(1, 1, 1, False, False, None), (2, 9, 17, True, True, None),
+                                            (2, 27, 1000, True, False, None), (1, 12, 5000, True, True, 3),
+                                            (3, 4, 2049, False, True, 1), (1, 4, 0, False, False, None)]:
+        cases.append({"op": "vote", "id": f"vote-B{B}-R{R}-N{N}" + ("-masked" if masked else "")
+                      + ("-w" if weights else "") + (f"-s{splits}" if splits else ""),
+                      "B": B, "R": R, "N": N, "masked": masked, "weights": weights, "splits": splits})
+    grid = itertools.product((1, 3, 4, 8), (64, 128, 256), ("fp32", "fp16", "bf16"))
+    for i, (G, D, dtype) in enumerate(grid):  # every group, head dim and dtype; rope and padding alternate
+        rope, pad = i % 2 == 0, (i % 3) * 4
+        cases.append({"op": "attn", "id": f"attn-G{G}-D{D}-{dtype}" + ("-rope" if rope else "") + f"-pad{pad}",
+                      "B": 2, "G": G, "Hk": 2, "N": 150, "D": D, "L": 37, "dtype": dtype, "rope": rope, "pad": pad})
+    cases += [
+        {"op": "attn", "id": "attn-L1", "B": 1, "G": 4, "Hk": 1, "N": 9, "D": 64, "L": 1, "dtype": "fp32", "rope": True},
+        {"op": "attn", "id": "attn-D80-strided", "B": 2, "G": 3, "Hk": 2, "N": 400, "D": 80, "L": 333,
+         "dtype": "fp16", "rope": True, "pad": 40, "strided": True},
+        {"op": "attn", "id": "attn-splits5", "B": 2, "G": 4, "Hk": 2, "N": 600, "D": 128, "L": 500,
+         "dtype": "bf16", "rope": True, "pad": 100, "splits": 5},
+        {"op": "attn", "id": "attn-allpad-row", "B": 2, "G": 2, "Hk": 2, "N": 50, "D": 64, "L": 20,
+         "dtype": "fp32", "pad": 20},
+        {"op": "attn", "id": "attn-partial-rotary", "B": 1, "G": 2, "Hk": 2, "N": 50, "D": 64, "L": 20,
+         "dtype": "fp32", "rope": True, "rot": 32},
+        {"op": "attn", "id": "attn-smollm2", "B": 1, "G": 3, "Hk": 3, "N": 3000, "D": 64, "L": 2688,
+         "dtype": "fp32", "rope": True},
+    ]
+    assert len({c["id"] for c in cases}) == len(cases)
+    return cases
+
+
+CASES = _cases()
+
+
+@pytest.fixture(scope="module")
+def interp_results(tmp_path_factory, run_python):
+    if interpret_enabled():
+        return _worker().run_cases(CASES)
+    d = tmp_path_factory.mktemp("selection_interp")
+    (d / "cases.json").write_text(json.dumps(CASES))
+    run_python([str(WORKER), str(d / "cases.json"), str(d / "results.json")], timeout=600, TRITON_INTERPRET="1")
+    return json.loads((d / "results.json").read_text())
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_triton_matches_reference(interp_results, case):
+    assert interp_results["interpret_enabled"] is True
+    result = interp_results["cases"][case["id"]]
+    assert result["ok"], result["msg"]
+
+
+# ----------------------------------------------------------------------------- AOT
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path, run_python):
+    code = ("import json, sys\nimport tokaccel.kernels.soft_vote, tokaccel.kernels.indexed_attention\n"
+            "from tokaccel.kernels import aot\n"
+            f"json.dump(aot.compile_all(caps=(80, 90), kernels={KERNEL_NAMES!r}), open(sys.argv[1], 'w'), default=str)\n")
+    path = tmp_path / "aot.json"
+    run_python(["-c", code, str(path)], timeout=600, TRITON_INTERPRET=None)
+    report = json.loads(path.read_text())
+    rows = [r for rep in report["reports"] for r in rep["configs"]]
+    assert {(r["kernel"], r["cap"]) for r in rows} == {(n, c) for n in KERNEL_NAMES for c in (80, 90)}
+    for r in rows:
+        where = f"{r['kernel']}/{r['config']} sm_{r['cap']}"
+        assert r["ok"], f"{where}: {r['error']}"
+        assert 0 < r["n_regs"] <= 255 and r["n_spills"] == 0, (where, r["n_regs"], r["n_spills"])
