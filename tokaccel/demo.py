@@ -83,7 +83,7 @@ def _demo_command(args) -> int:
     suite = {**(TINY if args.tiny else QUICK), "model": (model, tokenizer)}
     print(f"\nquick accuracy suite ({', '.join(suite['tasks'])} at {suite['lengths']} tokens, "
           f"{suite['samples']} samples; cached under {cache_dir() / 'demo-results'}):\n")
-    results = run_eval(**suite, model_name=args.model, policies=["none", *policies],
+    results = run_eval(**suite, model_name=args.model, policies=policies,
                        out=cache_dir() / "demo-results", write_summary=False)
     print(summary_table(results))
     return 0
@@ -93,7 +93,8 @@ def add_commands(subparsers) -> None:
     demo = subparsers.add_parser("demo", help="generate with each policy on the default model and print a table",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--model", default=models.DEFAULT_MODEL, help="embedded name, HF id or path")
-    demo.add_argument("--policies", default="dense", help="policy specs separated by ';' (e.g. 'dense;tokenselect:k=256')")
+    demo.add_argument("--policies", default="dense;tokenselect:k=256,n_init=64,n_local=128",
+                      help="policy specs separated by ';'")
     demo.add_argument("--context", type=int, default=1024, help="prompt context length in tokens")
     demo.add_argument("--new-tokens", type=int, default=32)
     demo.add_argument("--no-eval", action="store_true", help="skip the quick accuracy suite")

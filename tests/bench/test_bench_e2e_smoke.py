@@ -61,3 +61,23 @@ def test_cache_bytes_of_a_dynamic_cache():
     cache = DynamicCache()
     cache.update(torch.zeros(1, 2, 5, 8), torch.zeros(1, 2, 5, 8), 0)
     assert cache_bytes(cache) == 2 * 2 * 5 * 8 * 4 and cache_bytes(None) == 0
+
+
+def test_cache_bytes_counts_a_shared_buffer_once():
+    """TokenSelect's SelectionLayer keeps `keys` as a view of a buffer it also holds: one copy."""
+    import tokaccel
+    from tokaccel.cache import GROW
+    from transformers import DynamicCache
+
+    from ..conftest import tiny_model
+
+    model = tiny_model()
+    ids = torch.randint(1, 128, (1, 40))
+    dense_cache, ts_cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=dense_cache)
+        with tokaccel.patched(model, "tokenselect", k=8, n_init=2, n_local=4, chunk=16):
+            model(ids, past_key_values=ts_cache)
+    dense, selected = cache_bytes(dense_cache), cache_bytes(ts_cache)
+    per_token = dense // 40
+    assert dense <= selected <= dense + GROW * per_token

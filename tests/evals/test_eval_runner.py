@@ -8,7 +8,8 @@ import pytest
 import tokaccel
 from tokaccel.evals import make_samples, run_eval, summary_table
 from tokaccel.evals.decoding import eos_ids, greedy, prefill
-from tokaccel.evals.runner import PolicyMethod, answer_questions, make_method, policy_label, result_dir, split_specs
+from tokaccel.evals.runner import PolicyMethod, answer_questions, make_method, policy_label, result_dir
+from tokaccel.policies import split_specs
 from tokaccel.evals.tasks import get_task
 
 

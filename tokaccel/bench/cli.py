@@ -36,17 +36,10 @@ def _sizes(text: str) -> list[int]:
 
 
 def _names(text: str) -> list[str]:
-    """Comma-separated names; a policy spec's own commas ("tokenselect:k=1,theta=0.9") are kept:
-    an item containing '=' but no ':' continues the previous spec."""
-    out: list[str] = []
-    for item in (t.strip() for t in text.split(",")):
-        if not item:
-            continue
-        if out and "=" in item and ":" not in item:
-            out[-1] += "," + item
-        else:
-            out.append(item)
-    return out
+    """Comma-separated names; a policy spec's own commas ("tokenselect:k=1,theta=0.9") are kept."""
+    from ..policies import split_specs
+
+    return split_specs(text)
 
 
 def _dtype(text: str | None):

@@ -137,22 +137,25 @@ def build_prompts(n: int, batch: int, tokenizer=None, vocab_size: int | None = N
 
 
 def cache_bytes(cache) -> int:
-    """Bytes of every tensor a HF cache holds (layer keys/values, quantized parts, metadata)."""
+    """Bytes allocated for every tensor a HF cache holds (layer keys/values, quantized parts,
+    metadata). Each storage counts once: a layer's `keys` may be a view of a larger buffer it
+    also holds (tokaccel's SelectionLayer), and the buffer's headroom is counted, being allocated."""
+    storages: dict[int, int] = {}
 
-    def walk(obj, depth=0) -> int:
+    def walk(obj, depth=0) -> None:
         if isinstance(obj, torch.Tensor):
-            return obj.numel() * obj.element_size()
-        if depth > 3:
-            return 0
-        if isinstance(obj, (list, tuple)):
-            return sum(walk(o, depth + 1) for o in obj)
-        if isinstance(obj, dict):
-            return sum(walk(o, depth + 1) for o in obj.values())
-        return 0
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif depth <= 3 and isinstance(obj, (list, tuple)):
+            for o in obj:
+                walk(o, depth + 1)
+        elif depth <= 3 and isinstance(obj, dict):
+            for o in obj.values():
+                walk(o, depth + 1)
 
-    if cache is None:
-        return 0
-    return sum(walk(vars(layer)) for layer in getattr(cache, "layers", []))
+    for layer in getattr(cache, "layers", []) if cache is not None else []:
+        walk(vars(layer))
+    return sum(storages.values())
 
 
 class _Stamps:

@@ -70,7 +70,7 @@ def _list_tasks() -> int:
 
 
 def _specs(values: list[str] | None) -> list[str] | None:
-    from .runner import split_specs
+    from ..policies import split_specs
 
     if not values:
         return None

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ..policies import split_specs  # noqa: F401  (re-exported: the eval CLI splits --policies with it)
 from . import metrics as scoring
 from .decoding import eos_ids, greedy, prefill
 from .perplexity import perplexity_ids
@@ -45,20 +46,6 @@ TINY = {"model": "smollm2-135m-instruct", "tasks": ["passkey", "niah_multiquery_
 
 
 # ---------------------------------------------------------------- methods (what runs on the model)
-
-
-def split_specs(text: str) -> list[str]:
-    """Split a command-line list of specs on commas and semicolons, keeping "key=value" pieces
-    with the spec before them: "dense,tokenselect:k=1024,theta=0.9" -> ["dense", "tokenselect:k=1024,theta=0.9"]."""
-    out: list[str] = []
-    for piece in (p.strip() for p in re.split(r"[,;]", text)):
-        if not piece:
-            continue
-        if "=" in piece and ":" not in piece and out:
-            out[-1] += "," + piece
-        else:
-            out.append(piece)
-    return out
 
 
 def policy_label(spec, policy) -> str:

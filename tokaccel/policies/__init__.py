@@ -5,6 +5,7 @@ Each policy lives in its own module and is registered here by one line.
 
 from __future__ import annotations
 
+import re
 import sys
 import types
 
@@ -50,6 +51,20 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     return name.strip(), config
 
 
+def split_specs(text: str) -> list[str]:
+    """Split a command-line list of specs on commas and semicolons, keeping "key=value" pieces
+    with the spec before them: "dense,tokenselect:k=1024,theta=0.9" -> ["dense", "tokenselect:k=1024,theta=0.9"]."""
+    out: list[str] = []
+    for piece in (p.strip() for p in re.split(r"[,;]", text)):
+        if not piece:
+            continue
+        if "=" in piece and ":" not in piece and out:
+            out[-1] += "," + piece
+        else:
+            out.append(piece)
+    return out
+
+
 def make_policy(policy: str | Policy = "dense", **config) -> Policy:
     """A Policy from a name ("tokenselect"), a spec ("tokenselect:k=1024") or an instance.
 
@@ -83,4 +98,4 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["Policy", "LayerInfo", "LayerContext", "Dense", "REGISTRY", "available", "make_policy", "parse_spec"]
+__all__ = ["Policy", "LayerInfo", "LayerContext", "Dense", "REGISTRY", "available", "make_policy", "parse_spec", "split_specs"]
