@@ -19,12 +19,17 @@ bfloat16   1e-2    5e-2    ~1 ulp (2**-7) relative; same idea
 """
 from __future__ import annotations
 
+import json
 import math
-from typing import Optional, Sequence, Tuple
+import sys
+import time
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
 __all__ = [
+    "run_each",
+    "worker_main",
     "DEFAULT_TOLERANCES",
     "tolerances",
     "assert_close",
@@ -167,3 +172,26 @@ def make_qk(
     else:
         raise ValueError(f"unknown layout {layout!r}; valid: 'contiguous', 'padded', 'bnhd'")
     return q, k
+
+
+def run_each(cases: Sequence[dict], check: Callable[[dict], None]) -> dict:
+    """Run `check(case)` for every case, an exception being a failure, and report
+    {case id: {"ok", "msg", "seconds"}}: how interpreter workers report to their parent test."""
+    results = {}
+    for case in cases:
+        started = time.perf_counter()
+        try:
+            check(case)
+            ok, msg = True, ""
+        except Exception as e:  # reported to the parent test
+            ok, msg = False, f"{type(e).__name__}: {e}"
+        results[case["id"]] = {"ok": ok, "msg": msg, "seconds": round(time.perf_counter() - started, 3)}
+    return results
+
+
+def worker_main(run_cases: Callable[[list], dict]) -> None:
+    """Script entry of an interpreter worker: `python worker.py CASES.json RESULTS.json`."""
+    with open(sys.argv[1]) as f:
+        cases = json.load(f)
+    with open(sys.argv[2], "w") as f:
+        json.dump(run_cases(cases), f, indent=1)

@@ -5,9 +5,6 @@ Triton reads TRITON_INTERPRET when `triton` is imported, so the interpreter comp
 run in their own process; `run_cases` can also be called in-process when pytest itself
 was started with TRITON_INTERPRET=1.
 """
-import json
-import sys
-import time
 
 
 def run_cases(cases):
@@ -15,41 +12,34 @@ def run_cases(cases):
 
     from tokaccel.kernels import grouped_scores, grouped_scores_reference, interpret_enabled, resolve_backend
     from tokaccel.kernels._grouped_scores_triton import choose_config, grouped_scores_triton
-    from tokaccel.kernels.testing import assert_close, make_qk
+    from tokaccel.kernels.testing import assert_close, make_qk, run_each
 
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    out = {
+
+    def check(c):
+        dtype = dtypes[c["dtype"]]
+        q, k = make_qk(c["B"], c["H"], c["Hk"], c["N"], c["D"], dtype, seed=c.get("seed", 0),
+                       layout=c.get("layout", "contiguous"))
+        scale = c.get("scale")
+        if c.get("path") is None:
+            res = grouped_scores(q, k, scale, backend="triton")
+        else:
+            cfg = choose_config(c["H"] // c["Hk"], c["D"], dtype, use_dot=c["path"] == "dot")
+            res = grouped_scores_triton(q, k, scale, config=cfg)
+        ref = grouped_scores_reference(q, k, scale)
+        # Both sides accumulate exactly representable products in fp32: compare at fp32 tolerance.
+        assert_close(res, ref, dtype=torch.float32, name=c["id"])
+        if res.dtype != torch.float32 or tuple(res.shape) != (c["B"], c["H"], c["N"]):
+            raise AssertionError(f"bad output {res.dtype} {tuple(res.shape)}")
+
+    return {
         "interpret_enabled": interpret_enabled(),
         "auto_backend_cpu": resolve_backend(None, [torch.zeros(1)]),
-        "cases": {},
+        "cases": run_each(cases, check),
     }
-    for c in cases:
-        t0 = time.perf_counter()
-        try:
-            dtype = dtypes[c["dtype"]]
-            q, k = make_qk(c["B"], c["H"], c["Hk"], c["N"], c["D"], dtype, seed=c.get("seed", 0),
-                           layout=c.get("layout", "contiguous"))
-            scale = c.get("scale")
-            if c.get("path") is None:
-                res = grouped_scores(q, k, scale, backend="triton")
-            else:
-                cfg = choose_config(c["H"] // c["Hk"], c["D"], dtype, use_dot=c["path"] == "dot")
-                res = grouped_scores_triton(q, k, scale, config=cfg)
-            ref = grouped_scores_reference(q, k, scale)
-            # Both sides accumulate exactly representable products in fp32: compare at fp32 tolerance.
-            assert_close(res, ref, dtype=torch.float32, name=c["id"])
-            if res.dtype != torch.float32 or tuple(res.shape) != (c["B"], c["H"], c["N"]):
-                raise AssertionError(f"bad output {res.dtype} {tuple(res.shape)}")
-            ok, msg = True, ""
-        except Exception as e:  # reported to the parent test
-            ok, msg = False, f"{type(e).__name__}: {e}"
-        out["cases"][c["id"]] = {"ok": ok, "msg": msg, "seconds": round(time.perf_counter() - t0, 3)}
-    return out
 
 
 if __name__ == "__main__":
-    with open(sys.argv[1]) as f:
-        cases = json.load(f)
-    result = run_cases(cases)
-    with open(sys.argv[2], "w") as f:
-        json.dump(result, f, indent=1)
+    from tokaccel.kernels.testing import worker_main
+
+    worker_main(run_cases)

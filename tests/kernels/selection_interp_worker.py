@@ -3,10 +3,6 @@ with TRITON_INTERPRET=1 (see interp_worker.py for why).
 
 Usage: python selection_interp_worker.py CASES.json RESULTS.json (test_selection_kernels.py drives it).
 """
-import json
-import sys
-import time
-
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -67,40 +63,32 @@ def run_cases(cases):
     from tokaccel.kernels._soft_vote_triton import softmax_head_sum_triton
     from tokaccel.kernels.indexed_attention import indexed_decode_attention, indexed_decode_attention_reference
     from tokaccel.kernels.soft_vote import softmax_head_sum, softmax_head_sum_reference
-    from tokaccel.kernels.testing import assert_close
+    from tokaccel.kernels.testing import assert_close, run_each
 
-    out = {"interpret_enabled": interpret_enabled(), "cases": {}}
-    for c in cases:
-        t0 = time.perf_counter()
-        try:
-            if c["op"] == "vote":
-                scores, weights = vote_inputs(c)
-                ref = softmax_head_sum_reference(scores.clone(), weights)
-                if c.get("splits"):
-                    res = softmax_head_sum_triton(scores, weights, splits=c["splits"])
-                else:
-                    res = softmax_head_sum(scores, weights, backend="triton")
-                assert_close(res, ref, dtype=torch.float32, name=c["id"])
+    def check(c):
+        if c["op"] == "vote":
+            scores, weights = vote_inputs(c)
+            ref = softmax_head_sum_reference(scores.clone(), weights)
+            if c.get("splits"):
+                res = softmax_head_sum_triton(scores, weights, splits=c["splits"])
             else:
-                args = attention_inputs(c)
-                ref = indexed_decode_attention_reference(*args[:5], 0.125, *args[5:])
-                if c.get("splits"):
-                    res = indexed_decode_attention_triton(*args[:5], 0.125, *args[5:], splits=c["splits"])
-                else:
-                    res = indexed_decode_attention(*args[:5], 0.125, *args[5:], backend="triton")
-                if res.dtype != args[0].dtype or res.shape != args[0].shape:
-                    raise AssertionError(f"bad output {res.dtype} {tuple(res.shape)}")
-                assert_close(res, ref, name=c["id"])
-            ok, msg = True, ""
-        except Exception as e:  # reported to the parent test
-            ok, msg = False, f"{type(e).__name__}: {e}"
-        out["cases"][c["id"]] = {"ok": ok, "msg": msg, "seconds": round(time.perf_counter() - t0, 3)}
-    return out
+                res = softmax_head_sum(scores, weights, backend="triton")
+            assert_close(res, ref, dtype=torch.float32, name=c["id"])
+        else:
+            args = attention_inputs(c)
+            ref = indexed_decode_attention_reference(*args[:5], 0.125, *args[5:])
+            if c.get("splits"):
+                res = indexed_decode_attention_triton(*args[:5], 0.125, *args[5:], splits=c["splits"])
+            else:
+                res = indexed_decode_attention(*args[:5], 0.125, *args[5:], backend="triton")
+            if res.dtype != args[0].dtype or res.shape != args[0].shape:
+                raise AssertionError(f"bad output {res.dtype} {tuple(res.shape)}")
+            assert_close(res, ref, name=c["id"])
+
+    return {"interpret_enabled": interpret_enabled(), "cases": run_each(cases, check)}
 
 
 if __name__ == "__main__":
-    with open(sys.argv[1]) as f:
-        cases = json.load(f)
-    result = run_cases(cases)
-    with open(sys.argv[2], "w") as f:
-        json.dump(result, f, indent=1)
+    from tokaccel.kernels.testing import worker_main
+
+    worker_main(run_cases)

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import torch
 
-from ..policies import split_specs  # noqa: F401  (re-exported: the eval CLI splits --policies with it)
 from . import metrics as scoring
 from .decoding import eos_ids, greedy, prefill
 from .perplexity import perplexity_ids
