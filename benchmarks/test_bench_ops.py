@@ -18,7 +18,7 @@ def _case(impl: str, shape: str, phase: str) -> OpCase:
     return OpCase(impl, {}, SHAPES[shape], N, phase, 1, CHUNK, torch.float32, torch.device("cpu"), x)
 
 
-@pytest.mark.parametrize("phase", ["decode", "prefill_chunk"])
+@pytest.mark.parametrize("phase", ["decode", "decode_hit", "decode_miss", "prefill_chunk"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("impl", sorted(op_benches()))
 def test_attention_step(benchmark, impl, shape, phase):

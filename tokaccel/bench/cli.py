@@ -74,7 +74,7 @@ def add_commands(subparsers) -> None:
     ops.add_argument("--n", type=_sizes, default=None, help="cache lengths, e.g. 4K,16K,128K "
                      "(default: 4K..128K on CPU, 4K..1M on CUDA)")
     ops.add_argument("--impls", type=_names, default=None, help="registered op benches / policy specs "
-                     "(default: sdpa,dense,flash,gqa_matmul; sdpa, the baseline, always runs)")
+                     "(default: sdpa,dense,flash,gqa_matmul,tokenselect; sdpa, the baseline, always runs)")
     ops.add_argument("--phases", type=_names, default=None,
                      help="decode,decode_hit,decode_miss,prefill_chunk (default: all)")
     ops.add_argument("--batch", type=int, default=1)

@@ -80,7 +80,7 @@ BASELINE = "sdpa"
 CPU_SWEEP = (4096, 16384, 32768, 65536, 131072)
 CUDA_SWEEP = (4096, 16384, 32768, 65536, 131072, 262144, 524288, 1048576)
 # Modules imported on first use of the registry; each calls register_op_bench at import.
-OP_BENCH_MODULES: tuple[str, ...] = ()
+OP_BENCH_MODULES: tuple[str, ...] = ("tokaccel.bench.selection_ops",)
 
 
 @dataclass(frozen=True)
@@ -364,7 +364,7 @@ class OpsConfig:
 
     shapes: Sequence[str] = tuple(SHAPES)
     ns: Sequence[int] | None = None
-    impls: Sequence[str] = ("sdpa", "dense", "flash", "gqa_matmul")
+    impls: Sequence[str] = ("sdpa", "dense", "flash", "gqa_matmul", "tokenselect")
     phases: Sequence[str] = ("decode", "decode_hit", "decode_miss", "prefill_chunk")
     batch: int = 1
     chunk: int = 512
@@ -488,8 +488,10 @@ def _attempt(call: Callable[[], Any], key: tuple, failed: dict, device: torch.de
 
 
 def smoke_config(**overrides) -> OpsConfig:
-    """Tiny sizes for CI: every shape at N=256, chunk 32, one untimed call, 1 repeat, small copy buffer."""
-    base = dict(ns=(256,), chunk=32, warmup=0, repeats=1, copy_bytes=8 * 2**20)
+    """Tiny sizes for CI: every shape at N=256, chunk 32, one untimed call, 1 repeat, small copy buffer,
+    TokenSelect with a budget below N."""
+    impls = ("sdpa", "dense", "flash", "gqa_matmul", "tokenselect:k=64,n_init=8,n_local=32,chunk=32")
+    base = dict(ns=(256,), chunk=32, warmup=0, repeats=1, copy_bytes=8 * 2**20, impls=impls)
     return OpsConfig(**{**base, **overrides})
 
 

@@ -1,0 +1,190 @@
+"""Op-level steps of the selection policies (TokenSelect and its subclasses) for `bench ops`.
+
+"total" is the policy's own `attend()` on one layer, as a patched model calls it (query
+un-rotation in compact mode, selection-cache check, scoring, top-k, index assembly, attention);
+the other parts time its pieces on the same inputs:
+
+- decode_miss: "score" (the policy's vote over the N - n_init - n_local candidates), "topk",
+  "attention" (the indexed decode kernel: gathers, re-rotates and attends over the L read rows);
+- decode_hit: the selection cache holds this query's selection, so no scoring: "attention", "total";
+- prefill_chunk: the last c queries of an N-token prompt; the chunk is the last of its forward,
+  so it votes with its last `tail` queries ("tokenselect:tail=0" times a mean-query chunk).
+  "score", "topk", "gather" (the selected K/V rows, rotated in compact mode), "attention" (SDPA
+  over selected rows + the chunk, causal mask).
+
+K/V are the bench's random tensors, taken as the cache a policy stores (pre-RoPE in compact
+mode). The rotary table is the standard RoPE (base 10000) of the shape's head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..cache import SelectionLayer
+from ..policies import make_policy
+from ..policies.base import LayerContext, LayerInfo
+from ..policies.tokenselect import TokenSelect, _Call, _Runtime
+from ..rope import RopeTable
+from ..selection import assemble, top_k
+from ..stats import Stats
+from .ops import OpBench, OpCase, kv_bytes, register_op_bench
+
+
+class StandardRotary(torch.nn.Module):
+    """RoPE with base 10000 over the whole head dim, called like HF's rotary modules:
+    (x, position_ids [1, n]) -> (cos, sin) [1, n, D]."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        self.inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        angles = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
+        emb = torch.cat((angles, angles), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+class _Module:
+    """What `attend` reads from an attention module."""
+
+    def __init__(self, case: OpCase):
+        self.num_key_value_groups = case.shape.groups
+        self.scaling = case.shape.head_dim ** -0.5
+        self.is_causal = True
+        self.training = False
+
+
+def _context(policy: TokenSelect, case: OpCase, queries: int, layer: SelectionLayer) -> LayerContext:
+    shape = case.shape
+    info = LayerInfo(0, shape.num_heads, shape.num_kv_heads, shape.head_dim, None, "full_attention")
+    table = RopeTable(StandardRotary(shape.head_dim)) if policy.compact else None
+    ctx = LayerContext(info, policy, Stats(), module=_Module(case), state=_Runtime(rope=table))
+    inputs = {"past_key_values": type("Cache", (), {"layers": [layer]})()}
+    if policy.compact:  # the (cos, sin) HF passes for the queries' own positions N - queries .. N - 1
+        cos, sin = table(case.n, case.device, case.dtype)
+        inputs["position_embeddings"] = (cos[None, case.n - queries:], sin[None, case.n - queries:])
+    ctx.inputs = inputs
+    return ctx
+
+
+def selection_setup(case: OpCase) -> OpBench | None:
+    """decode_hit / decode_miss / prefill_chunk of a TokenSelect-family policy (`case.impl` spec)."""
+    if case.phase not in ("decode_hit", "decode_miss", "prefill_chunk"):
+        return None
+    policy = make_policy(case.impl)
+    if not isinstance(policy, TokenSelect):
+        raise ValueError(f"{case.impl!r} is not a selection policy")
+    if case.n <= policy.budget:
+        raise ValueError(f"N={case.n} fits the budget n_init + k + n_local = {policy.budget}: the step is dense")
+    x = case.inputs
+    q = x.q if case.phase != "prefill_chunk" else x.q_chunk
+    layer = SelectionLayer(pre_rope=policy.compact)
+    ctx = _context(policy, case, q.shape[2], layer)
+    module, scale = ctx.module, ctx.module.scaling
+
+    def total():
+        return policy.attend(ctx, module, q, x.k, x.v, None, scaling=scale)
+
+    # the un-rotated query the pieces start from, as attend computes it
+    q_in = q
+    if policy.compact:
+        from ..rope import unrotate
+
+        q_in = unrotate(q, *ctx.inputs["position_embeddings"], ctx.state.rope.scaling)
+    call = _Call(policy, ctx, q_in, x.k, x.v, None, scale)
+    if case.phase == "prefill_chunk":
+        return _prefill_bench(case, policy, call, total)
+    return _decode_bench(case, policy, call, layer, total)
+
+
+def _decode_bench(case, policy, call, layer, total) -> OpBench:
+    from ..kernels.indexed_attention import indexed_decode_attention
+
+    x, n = case.inputs, case.n
+    end = n - policy.n_local
+    f = call._scoring_query(call.query[:, :, 0])
+    candidates = x.k[:, :, policy.n_init:end]
+    vote = policy.vote(f, candidates, call.scale, None)
+    mid, mid_valid = top_k(vote, policy.k, policy.pool)
+    idx, valid = assemble(call.first, policy.n_init, mid + policy.n_init, mid_valid,
+                          torch.full_like(call.first, end), n, None)
+    L = idx.shape[1]
+    cos, sin = call.ctx.state.rope(L, idx.device, torch.float32) if policy.compact else (None, None)
+    start = L - valid.sum(1)
+    q_bytes = case.batch * case.shape.num_heads * case.shape.head_dim * case.itemsize
+    read_bytes = kv_bytes(case, L) + q_bytes
+    score_bytes = kv_bytes(case, end - policy.n_init, values=False) + q_bytes
+    parts = {"attention": lambda: indexed_decode_attention(call.query[:, :, 0], x.k, x.v, idx, start, call.scale, cos, sin)}
+    bytes_read = {"attention": read_bytes}
+    B, H, D = case.batch, case.shape.num_heads, case.shape.head_dim
+    flops = {"attention": 4 * B * H * L * D}
+    if case.phase == "decode_hit":
+        total()  # a first call fills the selection cache; every later call with this query hits
+        if layer.selection is None:
+            raise RuntimeError("the selection cache was not filled")
+        parts["total"] = total
+        bytes_read["total"] = read_bytes
+        flops["total"] = flops["attention"]
+    else:
+        def miss():
+            layer.selection = None
+            return total()
+
+        parts.update(score=lambda: policy.vote(f, candidates, call.scale, None),
+                     topk=lambda: top_k(vote, policy.k, policy.pool), total=miss)
+        bytes_read.update(score=score_bytes, topk=vote.numel() * 4, total=score_bytes + read_bytes)
+        flops.update(score=2 * B * H * (end - policy.n_init) * D)
+        flops["total"] = flops["score"] + flops["attention"]
+    return OpBench(parts=parts, bytes_read=bytes_read, flops=flops,
+                   info={"k": policy.k, "keys_read": L, "candidates": end - policy.n_init})
+
+
+def _prefill_bench(case, policy, call, total) -> OpBench:
+    from ..kernels.indexed_attention import gather_rows
+    from ..rope import rotate
+    from ..selection import attend_rows
+
+    x, n, c = case.inputs, case.n, case.inputs.chunk
+    a = n - c
+    end = max(a - policy.n_local, 0)
+    w = min(policy.tail, c) if policy.tail else 0
+    q = call.query
+    f = call._scoring_query(q[:, :, -w:]) if w else call._scoring_query(q.float().mean(dim=2).to(q.dtype))
+    candidates = x.k[:, :, policy.n_init:end]
+    vote = policy.vote(f, candidates, call.scale, None)
+    mid, mid_valid = top_k(vote, policy.k, policy.pool)
+    idx, valid = assemble(call.first, policy.n_init, mid + policy.n_init, mid_valid,
+                          torch.full_like(call.first, end), a, None)
+    rows = torch.cat((idx, torch.arange(a, n, device=idx.device).expand(idx.shape[0], -1)), dim=1)
+    mask = call._chunk_mask(valid, a, n)
+    L = rows.shape[1]
+
+    def gather():
+        k, v = gather_rows(x.k, rows), gather_rows(x.v, rows)
+        if policy.compact:
+            cos, sin = call.ctx.state.rope(L, k.device, k.dtype)
+            return rotate(k, cos, sin), v, rotate(q, cos[L - c:], sin[L - c:])
+        return k, v, q
+
+    k_g, v_g, q_g = gather()
+    B, H, D = case.batch, case.shape.num_heads, case.shape.head_dim
+    q_bytes = B * H * c * D * case.itemsize
+    score_bytes = kv_bytes(case, end - policy.n_init, values=False)
+    gather_bytes = kv_bytes(case, L)
+    keys_seen = c * idx.shape[1] + c * (c + 1) // 2
+    flops_score = 2 * B * H * max(w, 1) * (end - policy.n_init) * D
+    flops_attention = 4 * B * H * D * keys_seen
+    return OpBench(
+        parts={"score": lambda: policy.vote(f, candidates, call.scale, None),
+               "topk": lambda: top_k(vote, policy.k, policy.pool),
+               "gather": gather,
+               "attention": lambda: attend_rows(q_g, k_g, v_g, mask, call.scale),
+               "total": total},
+        bytes_read={"score": score_bytes, "topk": vote.numel() * 4, "gather": gather_bytes,
+                    "attention": gather_bytes + q_bytes, "total": score_bytes + gather_bytes + q_bytes},
+        flops={"score": flops_score, "attention": flops_attention, "total": flops_score + flops_attention},
+        info={"k": policy.k, "keys_read": L, "candidates": end - policy.n_init, "tail": w},
+    )
+
+
+register_op_bench("tokenselect", selection_setup, "TokenSelect (METHODS 1.1): decode hit / miss, prefill chunk")
