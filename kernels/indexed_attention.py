@@ -60,20 +60,36 @@ def check_indexed_decode_attention_inputs(q, k, v, idx, start, scale, cos=None, 
 
 
 def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows idx [B, L] of t [B, Hk, N, D] -> [B, Hk, L, D] (only the selected rows are copied)."""
-    if t.shape[0] == 1:
+    """Rows idx [B, L] of t [B, Hk, N, D] -> [B, Hk, L, D] (only the selected rows are copied).
+
+    When t's rows are contiguous D-vectors (a cache tensor or a prefix view of a cache buffer),
+    t is seen as one [rows, D] matrix and gathered with a single `index_select` along dim 0:
+    about 5x faster on CPU than `index_select` along dim 2 (SmolLM2 shape, 2688 of 32K rows).
+    """
+    B, Hk, N, D = t.shape
+    L = idx.shape[1]
+    s0, s1, s2, s3 = t.stride()
+    if (s3 == 1 or D == 1) and s2 == D and s1 % D == 0 and s0 % D == 0 and t.numel():
+        r0, r1 = s0 // D, s1 // D  # row offsets of a batch row and a head
+        rows = t.as_strided(((B - 1) * r0 + (Hk - 1) * r1 + N, D), (D, 1))
+        base = (torch.arange(B, device=t.device) * r0)[:, None] + (torch.arange(Hk, device=t.device) * r1)[None]
+        flat = (base[:, :, None] + idx[:, None, :]).reshape(-1)
+        return rows.index_select(0, flat).view(B, Hk, L, D)
+    if B == 1:
         return t.index_select(2, idx[0])
-    batch = torch.arange(t.shape[0], device=t.device)[:, None]
+    batch = torch.arange(B, device=t.device)[:, None]
     return t[batch, :, idx].transpose(1, 2)  # advanced indexing puts [B, L] first
 
 
 def rotate_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE (HF ``rotate_half`` layout) of x [..., S, D] with fp32 cos/sin [S, R], R <= D, computed in
     fp32 and rounded to x's dtype; dims >= R pass through."""
-    rot = cos.shape[-1]
+    rot, half = cos.shape[-1], cos.shape[-1] // 2
     xr = x[..., :rot].float()
-    half = rot // 2
-    out = xr * cos + torch.cat((-xr[..., half:], xr[..., :half]), dim=-1) * sin
+    x1, x2 = xr[..., :half], xr[..., half:]
+    out = torch.empty_like(xr)  # x * cos + rotate_half(x) * sin, one half at a time, no temporaries
+    torch.mul(x1, cos[..., :half], out=out[..., :half]).addcmul_(x2, sin[..., :half], value=-1.0)
+    torch.mul(x2, cos[..., half:], out=out[..., half:]).addcmul_(x1, sin[..., half:])
     out = out.to(x.dtype)
     return out if rot == x.shape[-1] else torch.cat((out, x[..., rot:]), dim=-1)
 
