@@ -185,3 +185,29 @@ def test_plots(passkey_run, tmp_path):
                      "smollm2-135m-instruct_depth_heatmap_none.png"]
     assert all(p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG" for p in written)
     assert plot_results(tmp_path / "empty") == []
+
+
+def test_report_tables_keep_dtypes_apart(passkey_run, tmp_path, capsys):
+    import shutil
+
+    from tokaccel import cli
+    from tokaccel.evals.runner import collect_results, length_tables
+
+    out, results = passkey_run
+    dense = next(r for r in results if r["policy_label"] == "dense")
+    shutil.copytree(dense["folder"], tmp_path / "a" / "dense-fp32")
+    copy = tmp_path / "a" / "dense-bf16"
+    shutil.copytree(dense["folder"], copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16", "length": 512}))
+    found = collect_results(tmp_path)
+    assert sorted(r["policy_label"] for r in found) == ["dense (bfloat16)", "dense (float32)"]
+    tables = length_tables(found)
+    score = f"{dense['score']:.1f} (2)"
+    assert "**smollm2-135m-instruct, dense (float32), float32**" in tables
+    assert f"| task | 256 |\n|---|---:|\n| passkey | {score} |" in tables
+    assert f"| task | 512 |\n|---|---:|\n| passkey | {score} |" in tables
+    assert cli.main(["eval", "--report", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "**smollm2-135m-instruct, none, float32**" in printed and "| passkey |" in printed
+    assert cli.main(["eval", "--report", str(tmp_path / "nothing")]) == 2

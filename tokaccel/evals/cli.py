@@ -7,6 +7,7 @@
     tokaccel eval --tasks ppl:eval_len=256 --policies dense,none --lengths 4k
     tokaccel eval --policies dense,kvpress:snapkv@0.5          # a kvpress press next to tokaccel (pip install kvpress)
     tokaccel eval --tasks longbench:hotpotqa,infbench:passkey --longbench-dir DIR --infbench-dir DIR
+    tokaccel eval --report results/          # task x length tables of the results already there
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--force", action="store_true", help="recompute results whose folder exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
+    p.add_argument("--report", metavar="DIR", default=None,
+                   help="print a task x length table per (model, policy) of the results under DIR and exit")
     p.set_defaults(func=run)
 
 
@@ -80,6 +83,15 @@ def _specs(values: list[str] | None) -> list[str] | None:
 def run(args) -> int:
     if args.list_tasks:
         return _list_tasks()
+    if args.report:
+        from .runner import collect_results, length_tables
+
+        results = collect_results(args.report)
+        if not results:
+            print(f"tokaccel eval: no results under {args.report}", file=sys.stderr)
+            return 2
+        print(length_tables(results), end="")
+        return 0
     from .runner import QUICK, TINY, run_eval, summary_table
 
     if args.tiny and not args.quick:

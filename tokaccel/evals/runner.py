@@ -286,9 +286,15 @@ def collect_results(path: str | Path) -> list[dict]:
         except (ValueError, KeyError) as e:
             logger.warning("ignoring %s: %s", metrics_file.parent, e)
             continue
-        key = (result["model"], result["task"], result["length"], result["policy_label"])
+        key = (result["model"], result["task"], result["length"], result["policy_label"], result["config"].get("dtype"))
         if key not in best or result["n_samples"] > best[key]["n_samples"]:
             best[key] = result
+    dtypes: dict[tuple, set] = {}
+    for model, _, _, label, dtype in best:
+        dtypes.setdefault((model, label), set()).add(dtype)
+    for (model, _, _, label, dtype), result in best.items():
+        if len(dtypes[(model, label)]) > 1:  # one folder, several dtypes: keep them apart in tables and plots
+            result["policy_label"] = f"{label} ({dtype})"
     return list(best.values())
 
 
@@ -310,6 +316,29 @@ def summary_table(results: list[dict]) -> str:
     for (model, task, length), cells in rows.items():
         lines.append(f"| {model} | {task} | {length} | " + " | ".join(cells.get(c, "-") for c in columns) + " |")
     return "\n".join(lines) + "\n"
+
+
+def length_tables(results: list[dict]) -> str:
+    """Markdown, one table per (model, policy): a row per task, a column per length, each cell
+    the score with its sample count, e.g. "95 (20)"."""
+    out = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["model"], r["policy_label"], r["config"].get("dtype")), []).append(r)
+    for (model, label, dtype), rows in sorted(groups.items(), key=lambda item: tuple(map(str, item[0]))):
+        lengths = sorted({r["length"] for r in rows})
+        tasks = list(dict.fromkeys(r["task"] for r in sorted(rows, key=lambda r: r["task"])))
+        cells = {(r["task"], r["length"]): f"{_format_score(r)} ({r['n_samples']})" for r in rows}
+        out.append(f"**{model}, {label}, {dtype}** (score, samples)\n")
+        out.append("| task | " + " | ".join(_length_name(n) for n in lengths) + " |")
+        out.append("|---|" + "---:|" * len(lengths))
+        out += [f"| {t} | " + " | ".join(cells.get((t, n), "-") for n in lengths) + " |" for t in tasks]
+        out.append("")
+    return "\n".join(out)
+
+
+def _length_name(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
 # ---------------------------------------------------------------- the entry point
