@@ -9,6 +9,7 @@ Ops:
     grouped_scores(q [B, H, D], k [B, Hk, N, D], scale=None, *, backend=None) -> [B, H, N] fp32
     softmax_head_sum(...)           per-head softmax over tokens, summed over heads (TokenSelect soft vote)
     indexed_decode_attention(...)   decode attention over an index set (split-K), compact RoPE fused
+    indexed_prefill_attention(...)  causal prefill-chunk attention over an index set, compact RoPE fused
 
 Submodules not imported here: ``tokaccel.kernels.aot`` (ahead-of-time compilation
 report), ``tokaccel.kernels.testing`` (tolerances and random inputs for tests).
@@ -28,7 +29,12 @@ from .dispatch import (
     resolve_backend,
 )
 from .grouped_scores import grouped_scores, grouped_scores_reference
-from .indexed_attention import indexed_decode_attention, indexed_decode_attention_reference
+from .indexed_attention import (
+    indexed_decode_attention,
+    indexed_decode_attention_reference,
+    indexed_prefill_attention,
+    indexed_prefill_attention_reference,
+)
 from .soft_vote import softmax_head_sum, softmax_head_sum_reference
 
 __all__ = [
@@ -50,4 +56,6 @@ __all__ = [
     "softmax_head_sum_reference",
     "indexed_decode_attention",
     "indexed_decode_attention_reference",
+    "indexed_prefill_attention",
+    "indexed_prefill_attention_reference",
 ]

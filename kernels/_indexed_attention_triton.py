@@ -1,4 +1,5 @@
-"""Triton kernel for :func:`tokaccel.kernels.indexed_decode_attention` (imported only when triton is).
+"""Triton kernels for :func:`tokaccel.kernels.indexed_decode_attention` and
+:func:`tokaccel.kernels.indexed_prefill_attention` (imported only when triton is).
 
 Split-K decode: one program per (split of the L selected columns, KV head, batch row) serves
 the G query heads of its KV head from one load of each K/V tile. Per tile it loads the column
@@ -7,8 +8,13 @@ positions in registers when ROPE (cos/sin rows = column numbers), takes the logi
 queries with ``tl.dot`` (rows padded to 16), and runs an online softmax into an fp32
 accumulator. Partials (max, exp-sum, unnormalised output) are merged in torch.
 
+Prefill: flash-attention style, one program per (block of BLOCK_M queries, query head, batch
+row). The Q block is rotated once (rows = positions L - S + i), then column tiles up to the
+block's causal bound are gathered and rotated as in decode, masked with ``col_valid & j <= L - S
++ i``, and folded into an online softmax; the output is written straight to [B, S, H, D].
+
 Interpreter caveat (triton 3.9): ``tl.dot`` on bf16 is wrong under TRITON_INTERPRET=1, so the
-launcher upcasts the dot operands to fp32 there only (``UPCAST``), as grouped_scores does.
+launchers upcast the dot operands to fp32 there only (``UPCAST``), as grouped_scores does.
 """
 from __future__ import annotations
 
@@ -191,3 +197,168 @@ def indexed_decode_attention_triton(q, k, v, idx, start, scale, cos=None, sin=No
     w = torch.exp(mx - m)  # [B, H, S]
     out = (acc * w[..., None]).sum(2) / (sm * w).sum(-1, keepdim=True)
     return out.nan_to_num_(0.0).to(q.dtype)
+
+
+# --------------------------------------------------------------------------- prefill
+
+
+def _prefill_blocks(dtype: torch.dtype, D: int, S: int = 1 << 30):
+    """(BLOCK_M, BLOCK_N, BLOCK_H); BLOCK_M shrinks for short chunks (tl.dot needs >= 16 rows).
+
+    The gathered, rotated K tile costs registers (per-element pointers, fp32 cos/sin): BLOCK_M = 64
+    spills on sm_80 at D = 128 with rope (8-104 values at BLOCK_N 32-64, 4 or 8 warps), so
+    BLOCK_M = 32; BLOCK_N = 32 for fp32 (FMA dots) and D >= 256."""
+    block_n = 32 if D >= 256 or dtype == torch.float32 else 64
+    return min(32, max(16, triton.next_power_of_2(S))), block_n, max(16, triton.next_power_of_2(D // 2))
+
+
+def _prefill_aot_config(dtype: torch.dtype, G: int, D: int, rope: bool, has_valid: bool = True) -> AotConfig:
+    ty = _TL_DTYPE[dtype]
+    block_m, block_n, block_h = _prefill_blocks(dtype, D)
+    signature = {
+        "Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "IDX": "*i64", "VALID": "*i8", "COS": "*fp32", "SIN": "*fp32",
+        "Out": f"*{ty}", "scale": "fp32", "S": "i32", "L": "i32",
+        "stride_qb": "i32", "stride_qh": "i32", "stride_qs": "i32", "stride_kb": "i32", "stride_kh": "i32",
+        "stride_kn": "i32", "stride_vb": "i32", "stride_vh": "i32", "stride_vn": "i32", "stride_ib": "i32",
+        "stride_cb": "i32", "stride_cp": "i32",
+        "G": "constexpr", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+        "BLOCK_H": "constexpr", "HAS_VALID": "constexpr", "ROPE": "constexpr", "UPCAST": "constexpr",
+    }
+    constexprs = {"G": G, "HEAD_DIM": D, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_H": block_h,
+                  "HAS_VALID": has_valid, "ROPE": rope, "UPCAST": False}
+    names = list(signature)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if signature[n] != "constexpr" and n not in ("scale", "S", "L")}
+    return AotConfig(name=f"{ty}_G{G}_D{D}_{'rope' if rope else 'plain'}{'' if has_valid else '_novalid'}",
+                     signature=signature, constexprs=constexprs, attrs=attrs,
+                     options={"num_warps": 4, "num_stages": 2})
+
+
+def prefill_aot_configs() -> List[AotConfig]:
+    return [
+        _prefill_aot_config(torch.float32, 3, 64, True),    # SmolLM2 on fp32
+        _prefill_aot_config(torch.float16, 4, 128, True),   # Llama-3-8B, compact
+        _prefill_aot_config(torch.bfloat16, 4, 128, True),
+        _prefill_aot_config(torch.bfloat16, 4, 256, True),  # Gemma3 (D=256)
+        _prefill_aot_config(torch.bfloat16, 7, 128, False, has_valid=False),  # Qwen2-7B, original positions
+    ]
+
+
+@register_kernel(prefill_aot_configs, name="indexed_prefill_attention")
+def _indexed_prefill_kernel(
+    Q, K, V, IDX, VALID, COS, SIN, Out,
+    scale, S, L,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_ib, stride_cb, stride_cp,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr, HAS_VALID: tl.constexpr, ROPE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # Out [B, S, H, D] contiguous; VALID [B, L] int8 (read only when HAS_VALID).
+    mb = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    H = tl.num_programs(1)
+    HALF: tl.constexpr = HEAD_DIM // 2
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, BLOCK_H)
+    mask_h = offs_h < HALF
+    q_mask = (offs_m < S)[:, None] & mask_h[None, :]
+    pos = L - S + offs_m  # query i's position, also its last readable column
+
+    q_ptrs = Q + b * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_h[None, :]
+    q1 = tl.load(q_ptrs, mask=q_mask, other=0.0).to(tl.float32)
+    q2 = tl.load(q_ptrs + HALF, mask=q_mask, other=0.0).to(tl.float32)
+    if ROPE:
+        qc_ptrs = pos[:, None].to(tl.int64) * stride_cp + offs_h[None, :]
+        qc = tl.load(COS + qc_ptrs, mask=q_mask, other=0.0)
+        qs = tl.load(SIN + qc_ptrs, mask=q_mask, other=0.0)
+        q1, q2 = q1 * qc - q2 * qs, q2 * qc + q1 * qs
+    dot_ty = tl.float32 if UPCAST else Q.dtype.element_ty
+    q1 = q1.to(Q.dtype.element_ty).to(dot_ty)
+    q2 = q2.to(Q.dtype.element_ty).to(dot_ty)
+
+    hk = (h // G).to(tl.int64)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    hi = tl.minimum(L, L - S + (mb + 1) * BLOCK_M)  # the block's causal bound
+    m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_H], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_H], tl.float32)
+    for j0 in range(0, hi, BLOCK_N):
+        cols = j0 + offs_n
+        ok = cols < hi
+        rows = tl.load(IDX + b * stride_ib + cols, mask=ok, other=0)
+        if HAS_VALID:
+            ok = ok & (tl.load(VALID + b * stride_cb + cols, mask=ok, other=0) != 0)
+        kv_mask = ok[:, None] & mask_h[None, :]
+        k_ptrs = k_base + rows[:, None] * stride_kn + offs_h[None, :]
+        k1 = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        k2 = tl.load(k_ptrs + HALF, mask=kv_mask, other=0.0)
+        if ROPE:  # column j sits at compact position j
+            c_ptrs = cols[:, None].to(tl.int64) * stride_cp + offs_h[None, :]
+            c = tl.load(COS + c_ptrs, mask=kv_mask, other=0.0)
+            s = tl.load(SIN + c_ptrs, mask=kv_mask, other=0.0)
+            k1f, k2f = k1.to(tl.float32), k2.to(tl.float32)
+            k1 = (k1f * c - k2f * s).to(K.dtype.element_ty)
+            k2 = (k2f * c + k1f * s).to(K.dtype.element_ty)
+        logits = tl.dot(q1, tl.trans(k1.to(dot_ty)), input_precision="ieee")
+        logits = tl.dot(q2, tl.trans(k2.to(dot_ty)), logits, input_precision="ieee")
+        readable = ok[None, :] & (cols[None, :] <= pos[:, None])
+        logits = tl.where(readable, logits * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(logits - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_ptrs = v_base + rows[:, None] * stride_vn + offs_h[None, :]
+        v1 = tl.load(v_ptrs, mask=kv_mask, other=0.0).to(dot_ty)
+        v2 = tl.load(v_ptrs + HALF, mask=kv_mask, other=0.0).to(dot_ty)
+        pv = p.to(V.dtype.element_ty).to(dot_ty)
+        acc1 = tl.dot(pv, v1, acc1 * alpha[:, None], input_precision="ieee")
+        acc2 = tl.dot(pv, v2, acc2 * alpha[:, None], input_precision="ieee")
+        m_i = m_new
+
+    l_i = tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no readable column: acc = 0, gives 0
+    o_ptrs = Out + ((b * S + offs_m[:, None]) * H + h) * HEAD_DIM + offs_h[None, :]
+    tl.store(o_ptrs, (acc1 / l_i).to(Out.dtype.element_ty), mask=q_mask)
+    tl.store(o_ptrs + HALF, (acc2 / l_i).to(Out.dtype.element_ty), mask=q_mask)
+
+
+def indexed_prefill_attention_triton(q, k, v, idx, col_valid, scale, cos=None, sin=None) -> torch.Tensor:
+    """Triton launcher (inputs already validated) -> [B, S, H, D] in q's dtype."""
+    B, H, S, D = q.shape
+    Hk, L = k.shape[1], idx.shape[1]
+    if D % 2 or (cos is not None and cos.shape[1] != D):  # odd or partial rotary: the reference
+        from .indexed_attention import indexed_prefill_attention_reference
+
+        return indexed_prefill_attention_reference(q, k, v, idx, col_valid, scale, cos, sin)
+    out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    idx = idx.contiguous()
+    has_valid = col_valid is not None
+    valid = col_valid.contiguous().view(torch.int8) if has_valid else torch.empty((1, 1), dtype=torch.int8,
+                                                                                   device=q.device)
+    rope = cos is not None
+    if rope:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    else:
+        cos = sin = torch.empty((1, D), dtype=torch.float32, device=q.device)
+    block_m, block_n, block_h = _prefill_blocks(q.dtype, D, S)
+    upcast = bool(interpret_enabled() and q.dtype == torch.bfloat16)
+    args = (q, k, v, idx, valid, cos, sin, out, float(scale), S, L,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), idx.stride(0), valid.stride(0), cos.stride(0))
+    kwargs = dict(G=H // Hk, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h, HAS_VALID=has_valid,
+                  ROPE=rope, UPCAST=upcast, num_warps=4, num_stages=2)
+    grid = (triton.cdiv(S, block_m), H, B)
+    if q.device.type == "cuda":
+        with torch.cuda.device(q.device):
+            _indexed_prefill_kernel[grid](*args, **kwargs)
+    else:
+        _indexed_prefill_kernel[grid](*args, **kwargs)
+    return out

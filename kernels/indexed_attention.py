@@ -1,4 +1,4 @@
-"""Decode attention that reads K/V through an index set, with compact RoPE fused in.
+"""Decode and prefill-chunk attention that read K/V through an index set, with compact RoPE fused in.
 
 Shapes (notation of METHODS.md): ``B`` batch, ``H`` query heads, ``Hk`` KV heads, ``G = H // Hk``,
 ``N`` cached tokens, ``L`` selected tokens, ``D`` head dim, ``P >= L`` rope table rows.
@@ -11,20 +11,27 @@ Shapes (notation of METHODS.md): ``B`` batch, ``H`` query heads, ``Hk`` KV heads
                               position j and the query to position L - 1
     out      [B, H, D]        softmax(scale * q . k[idx]^T) v[idx], q's dtype
 
+Prefill (:func:`indexed_prefill_attention`): ``q [B, H, S, D]``, S <= L queries that are the last S
+positions of the L columns; query i reads column j iff ``col_valid[b, j]`` ([B, L] bool, None = all)
+and ``j <= L - S + i``; with cos/sin query i sits at compact position ``L - S + i``; out ``[B, S, H, D]``.
+
 Query head ``h`` reads KV head ``h // G``. Logits, softmax and accumulation are fp32; the rotated
 q/k are rounded to the input dtype before their product (as a model's own RoPE would be). A row
-with no valid column gives 0. Only the L selected rows of K and V are read.
+with no readable column gives 0. Only the L selected rows of K and V are read.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .dispatch import HAS_TRITON, register_op
 
 __all__ = ["indexed_decode_attention", "indexed_decode_attention_reference",
-           "check_indexed_decode_attention_inputs", "gather_rows", "rotate_rows"]
+           "check_indexed_decode_attention_inputs", "indexed_prefill_attention",
+           "indexed_prefill_attention_reference", "check_indexed_prefill_attention_inputs",
+           "gather_rows", "rotate_rows"]
 
 
 def check_indexed_decode_attention_inputs(q, k, v, idx, start, scale, cos=None, sin=None) -> None:
@@ -43,6 +50,35 @@ def check_indexed_decode_attention_inputs(q, k, v, idx, start, scale, cos=None, 
         raise ValueError(f"{name}: idx must be int64 [B, L], got {idx.dtype} {tuple(idx.shape)}")
     if tuple(start.shape) != (B,) or start.dtype not in (torch.long, torch.int32):
         raise ValueError(f"{name}: start must be an integer [B] tensor, got {start.dtype} {tuple(start.shape)}")
+    _check_common(name, q, k, v, idx, scale, cos, sin, (start,))
+
+
+def check_indexed_prefill_attention_inputs(q, k, v, idx, col_valid, scale, cos=None, sin=None) -> None:
+    """Raise ValueError (TypeError for non-tensors) naming what is wrong with the inputs."""
+    name = "indexed_prefill_attention"
+    for label, t in (("q", q), ("k", k), ("v", v), ("idx", idx)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {label} must be a torch.Tensor, got {type(t).__name__}")
+    if col_valid is not None and not isinstance(col_valid, torch.Tensor):
+        raise TypeError(f"{name}: col_valid must be a torch.Tensor or None, got {type(col_valid).__name__}")
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"{name}: expected q [B, H, S, D], k = v [B, Hk, N, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, S, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D or k.shape[1] == 0 or H % k.shape[1]:
+        raise ValueError(f"{name}: q {tuple(q.shape)} does not match k {tuple(k.shape)} (H must be a multiple of Hk)")
+    if idx.dim() != 2 or idx.shape[0] != B or idx.dtype != torch.long:
+        raise ValueError(f"{name}: idx must be int64 [B, L], got {idx.dtype} {tuple(idx.shape)}")
+    if S > idx.shape[1]:
+        raise ValueError(f"{name}: the S={S} queries must be among the L={idx.shape[1]} columns (S <= L)")
+    if col_valid is not None and (col_valid.shape != idx.shape or col_valid.dtype != torch.bool):
+        raise ValueError(f"{name}: col_valid must be bool {tuple(idx.shape)} or None, got "
+                         f"{col_valid.dtype} {tuple(col_valid.shape)}")
+    _check_common(name, q, k, v, idx, scale, cos, sin, () if col_valid is None else (col_valid,))
+
+
+def _check_common(name, q, k, v, idx, scale, cos, sin, extra) -> None:
+    D = q.shape[-1]
     if q.dtype != k.dtype or v.dtype != k.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"{name}: q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
     if (cos is None) != (sin is None):
@@ -52,7 +88,7 @@ def check_indexed_decode_attention_inputs(q, k, v, idx, start, scale, cos=None, 
                 or cos.shape[1] % 2 or cos.dtype != torch.float32:
             raise ValueError(f"{name}: cos/sin must be fp32 [P >= L, R <= D] with R even, got {cos.dtype} "
                              f"{tuple(cos.shape)} for L={idx.shape[1]}, D={D}")
-    devices = {t.device for t in (q, k, v, idx, start) + ((cos, sin) if cos is not None else ())}
+    devices = {t.device for t in (q, k, v, idx) + tuple(extra) + ((cos, sin) if cos is not None else ())}
     if len(devices) != 1:
         raise ValueError(f"{name}: all tensors must be on one device, got {sorted(map(str, devices))}")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
@@ -111,12 +147,31 @@ def indexed_decode_attention_reference(q, k, v, idx, start, scale, cos=None, sin
     return torch.matmul(probs, vs).reshape(B, H, D)
 
 
+def indexed_prefill_attention_reference(q, k, v, idx, col_valid, scale, cos=None, sin=None) -> torch.Tensor:
+    """Torch reference of :func:`indexed_prefill_attention` (also the CPU implementation): gathers
+    the L rows once, then SDPA with GQA (K/V not repeated) and a bool [B, 1, S, L] mask."""
+    H, S = q.shape[1:3]
+    Hk, L = k.shape[1], idx.shape[1]
+    ks, vs = gather_rows(k, idx), gather_rows(v, idx)
+    if cos is not None:
+        ks = rotate_rows(ks, cos[:L], sin[:L])
+        q = rotate_rows(q, cos[L - S:L], sin[L - S:L])
+    mask = torch.ones(S, L, dtype=torch.bool, device=q.device).tril_(L - S)  # j <= L - S + i
+    if col_valid is not None:
+        mask = (mask & col_valid[:, None, :])[:, None]
+    # a fully masked row gives 0 (SDPA's safe softmax, torch >= 2.5)
+    out = F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask, scale=scale, enable_gqa=Hk != H)
+    return out.transpose(1, 2)
+
+
 if HAS_TRITON:
     from ._indexed_attention_triton import indexed_decode_attention_triton as _triton_launcher
+    from ._indexed_attention_triton import indexed_prefill_attention_triton as _prefill_launcher
 else:  # pragma: no cover - depends on the environment
-    _triton_launcher = None
+    _triton_launcher = _prefill_launcher = None
 
 _OP = register_op("indexed_decode_attention", indexed_decode_attention_reference, _triton_launcher)
+_PREFILL_OP = register_op("indexed_prefill_attention", indexed_prefill_attention_reference, _prefill_launcher)
 
 
 def indexed_decode_attention(
@@ -139,3 +194,25 @@ def indexed_decode_attention(
     """
     check_indexed_decode_attention_inputs(q, k, v, idx, start, scale, cos, sin)
     return _OP(q, k, v, idx, start, float(scale), cos, sin, backend=backend)
+
+
+def indexed_prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    col_valid: Optional[torch.Tensor],
+    scale: float,
+    cos: Optional[torch.Tensor] = None,
+    sin: Optional[torch.Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Causal attention of S queries per head over the cache rows ``idx`` (see the module docstring).
+
+    Returns ``[B, S, H, D]`` in q's dtype. ``backend``: ``"torch"``, ``"triton"`` or None (automatic).
+    The Triton kernel is flash-attention style (query blocks, column tiles up to the causal bound);
+    partial rotary (R < D) runs the reference.
+    """
+    check_indexed_prefill_attention_inputs(q, k, v, idx, col_valid, scale, cos, sin)
+    return _PREFILL_OP(q, k, v, idx, col_valid, float(scale), cos, sin, backend=backend)

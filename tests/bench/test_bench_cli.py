@@ -19,15 +19,15 @@ def test_bench_ops_smoke(tmp_path, capsys):
     assert cli.main(["bench", "ops", "--smoke", "--shapes", "smollm2", "--out", str(tmp_path), "--no-progress"]) == 0
     rows = read_rows(tmp_path / "bench_ops.csv")
     # sdpa and dense: decode + prefill_chunk; gqa_matmul: decode score / attention / total;
-    # tokenselect: decode_hit attention / total, decode_miss + 2 more parts, prefill_chunk + gather
-    assert len(rows) == 7 + 2 + 4 + 5 and set(METADATA_COLUMNS) <= set(rows[0]) and rows[0]["device"] == "cpu"
+    # tokenselect: decode_hit attention / total, decode_miss + 2 more parts, prefill_chunk the same 4
+    assert len(rows) == 7 + 2 + 4 + 4 and set(METADATA_COLUMNS) <= set(rows[0]) and rows[0]["device"] == "cpu"
     assert rows[0]["timestamp"] and rows[0]["torch"] and rows[0]["threads"]
     markdown = (tmp_path / "bench_ops.md").read_text()
     assert "`tokaccel bench ops --shapes smollm2 --n 256" in markdown and "| smollm2 | 256 | sdpa |" in markdown
     assert "| decode_hit | total |" in markdown
     assert "| shape | N |" in capsys.readouterr().out
     cli.main(["bench", "ops", "--smoke", "--shapes", "smollm2", "--out", str(tmp_path), "--no-progress"])
-    assert len(read_rows(tmp_path / "bench_ops.csv")) == 36  # appended, header once
+    assert len(read_rows(tmp_path / "bench_ops.csv")) == 34  # appended, header once
     assert [p.name for p in plot_results(tmp_path)] == ["ops_latency.png", "ops_speedup.png"]
 
 

@@ -29,8 +29,7 @@ def test_parts_reproduce_the_policy_step(mode, shape):
         assert bench.info["keys_read"] == 8 + 64 + 32 + (32 if phase == "prefill_chunk" else 0)
         assert bench.bytes_read["total"] > bench.bytes_read["attention"] or phase == "decode_hit"
         assert set(bench.parts) == ({"attention", "total"} if phase == "decode_hit" else
-                                    {"score", "topk", "attention", "total"} | ({"gather"} if phase == "prefill_chunk"
-                                                                              else set()))
+                                    {"score", "topk", "attention", "total"})
 
 
 def test_hit_steps_do_not_score_and_miss_steps_do(monkeypatch):
@@ -68,7 +67,7 @@ def test_sweep_rows_for_every_phase_and_part():
     ok = {(r["impl"], r["phase"], r["part"]) for r in rows if r["status"] == "ok"}
     assert {(SPEC, "decode_hit", p) for p in ("attention", "total")} <= ok
     assert {(SPEC, "decode_miss", p) for p in ("score", "topk", "attention", "total")} <= ok
-    assert {(SPEC, "prefill_chunk", p) for p in ("score", "topk", "gather", "attention", "total")} <= ok
+    assert {(SPEC, "prefill_chunk", p) for p in ("score", "topk", "attention", "total")} <= ok
     for row in rows:
         if row["status"] == "ok" and row["part"] == "total":
             assert row["speedup"] > 0 and row["bytes_read"] > 0

@@ -1,5 +1,5 @@
-"""Runs softmax_head_sum / indexed_decode_attention Triton-vs-reference cases; meant for a process
-with TRITON_INTERPRET=1 (see interp_worker.py for why).
+"""Runs softmax_head_sum / indexed_decode_attention / indexed_prefill_attention Triton-vs-reference
+cases; meant for a process with TRITON_INTERPRET=1 (see interp_worker.py for why).
 
 Usage: python selection_interp_worker.py CASES.json RESULTS.json (test_selection_kernels.py drives it).
 """
@@ -55,13 +55,37 @@ def attention_inputs(c):
     return q, k, v, idx, start, cos, sin
 
 
+def prefill_inputs(c):
+    """q [B, H, S, D] (a slice of a longer query buffer when "strided"), k, v, idx as attention_inputs,
+    col_valid [B, L] (None unless "pad" / "holes" / "valid": row b's first pad * b columns invalid,
+    every holes-th column of the causal tail invalid), cos/sin or None."""
+    import torch
+
+    from tokaccel.kernels.testing import randn
+
+    c = dict(c)
+    S = c.pop("S")
+    _, k, v, idx, start, cos, sin = attention_inputs(c)
+    dtype = getattr(torch, DTYPES[c["dtype"]])
+    B, H, D, L = c["B"], c["G"] * c["Hk"], c["D"], c["L"]
+    room = 7 if c.get("strided") else 0
+    q = randn((B, H, S + room, D), dtype, seed=c.get("seed", 0) + 4)[:, :, room:]
+    col_valid = None
+    if c.get("pad") or c.get("holes") or c.get("valid"):
+        col_valid = torch.arange(L)[None] >= start[:, None]
+        if c.get("holes"):
+            col_valid[:, L - S + 1::c["holes"]] = False
+    return q, k, v, idx, col_valid, cos, sin
+
+
 def run_cases(cases):
     import torch
 
     from tokaccel.kernels import interpret_enabled
     from tokaccel.kernels._indexed_attention_triton import indexed_decode_attention_triton
     from tokaccel.kernels._soft_vote_triton import softmax_head_sum_triton
-    from tokaccel.kernels.indexed_attention import indexed_decode_attention, indexed_decode_attention_reference
+    from tokaccel.kernels.indexed_attention import (indexed_decode_attention, indexed_decode_attention_reference,
+                                                    indexed_prefill_attention, indexed_prefill_attention_reference)
     from tokaccel.kernels.soft_vote import softmax_head_sum, softmax_head_sum_reference
     from tokaccel.kernels.testing import assert_close, run_each
 
@@ -74,6 +98,14 @@ def run_cases(cases):
             else:
                 res = softmax_head_sum(scores, weights, backend="triton")
             assert_close(res, ref, dtype=torch.float32, name=c["id"])
+        elif c["op"] == "prefill":
+            q, k, v, idx, col_valid, cos, sin = prefill_inputs(c)
+            ref = indexed_prefill_attention_reference(q, k, v, idx, col_valid, 0.125, cos, sin)
+            res = indexed_prefill_attention(q, k, v, idx, col_valid, 0.125, cos, sin, backend="triton")
+            B, H, S, D = q.shape
+            if res.dtype != q.dtype or res.shape != (B, S, H, D):
+                raise AssertionError(f"bad output {res.dtype} {tuple(res.shape)}")
+            assert_close(res, ref, name=c["id"])
         else:
             args = attention_inputs(c)
             ref = indexed_decode_attention_reference(*args[:5], 0.125, *args[5:])

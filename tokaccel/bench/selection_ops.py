@@ -9,8 +9,8 @@ the other parts time its pieces on the same inputs:
 - decode_hit: the selection cache holds this query's selection, so no scoring: "attention", "total";
 - prefill_chunk: the last c queries of an N-token prompt; the chunk is the last of its forward,
   so it votes with its last `tail` queries ("tokenselect:tail=0" times a mean-query chunk).
-  "score", "topk", "gather" (the selected K/V rows, rotated in compact mode), "attention" (SDPA
-  over selected rows + the chunk, causal mask).
+  "score", "topk", "attention" (the indexed prefill kernel: gathers the selected rows + the chunk,
+  re-rotates in compact mode and attends causally).
 
 K/V are the bench's random tensors, taken as the cache a policy stores (pre-RoPE in compact
 mode). The rotary table is the standard RoPE (base 10000) of the shape's head dim.
@@ -140,9 +140,7 @@ def _decode_bench(case, policy, call, layer, total) -> OpBench:
 
 
 def _prefill_bench(case, policy, call, total) -> OpBench:
-    from ..kernels.indexed_attention import gather_rows
-    from ..rope import rotate
-    from ..selection import attend_rows
+    from ..kernels.indexed_attention import indexed_prefill_attention
 
     x, n, c = case.inputs, case.n, case.inputs.chunk
     a = n - c
@@ -156,32 +154,23 @@ def _prefill_bench(case, policy, call, total) -> OpBench:
     idx, valid = assemble(call.first, policy.n_init, mid + policy.n_init, mid_valid,
                           torch.full_like(call.first, end), a, None)
     rows = torch.cat((idx, torch.arange(a, n, device=idx.device).expand(idx.shape[0], -1)), dim=1)
-    mask = call._chunk_mask(valid, a, n)
+    col_valid = torch.cat((valid, torch.ones_like(rows[:, idx.shape[1]:]).bool()), dim=1)
     L = rows.shape[1]
-
-    def gather():
-        k, v = gather_rows(x.k, rows), gather_rows(x.v, rows)
-        if policy.compact:
-            cos, sin = call.ctx.state.rope(L, k.device, k.dtype)
-            return rotate(k, cos, sin), v, rotate(q, cos[L - c:], sin[L - c:])
-        return k, v, q
-
-    k_g, v_g, q_g = gather()
+    cos, sin = call.ctx.state.rope(L, q.device, torch.float32) if policy.compact else (None, None)
     B, H, D = case.batch, case.shape.num_heads, case.shape.head_dim
     q_bytes = B * H * c * D * case.itemsize
     score_bytes = kv_bytes(case, end - policy.n_init, values=False)
-    gather_bytes = kv_bytes(case, L)
+    read_bytes = kv_bytes(case, L) + q_bytes
     keys_seen = c * idx.shape[1] + c * (c + 1) // 2
     flops_score = 2 * B * H * max(w, 1) * (end - policy.n_init) * D
     flops_attention = 4 * B * H * D * keys_seen
     return OpBench(
         parts={"score": lambda: policy.vote(f, candidates, call.scale, None),
                "topk": lambda: top_k(vote, policy.k, policy.pool),
-               "gather": gather,
-               "attention": lambda: attend_rows(q_g, k_g, v_g, mask, call.scale),
+               "attention": lambda: indexed_prefill_attention(q, x.k, x.v, rows, col_valid, call.scale, cos, sin),
                "total": total},
-        bytes_read={"score": score_bytes, "topk": vote.numel() * 4, "gather": gather_bytes,
-                    "attention": gather_bytes + q_bytes, "total": score_bytes + gather_bytes + q_bytes},
+        bytes_read={"score": score_bytes, "topk": vote.numel() * 4, "attention": read_bytes,
+                    "total": score_bytes + read_bytes},
         flops={"score": flops_score, "attention": flops_attention, "total": flops_score + flops_attention},
         info={"k": policy.k, "keys_read": L, "candidates": end - policy.n_init, "tail": w},
     )

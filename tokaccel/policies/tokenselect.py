@@ -258,20 +258,28 @@ class _Call:
         mid, mid_valid = top_k(vote, self.p.k, self.p.pool)
         return mid + start, mid_valid
 
-    def _read(self, rows: torch.Tensor | int, q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention of q [B, H, S, D] over the cached rows idx [B, L] (or the first `rows` rows);
-        in compact mode keys are rotated to positions 0..L-1 and the S queries to L-S..L-1."""
-        from ..kernels.indexed_attention import gather_rows
+    def _read(self, rows: torch.Tensor | int, q: torch.Tensor, col_valid: torch.Tensor | None) -> torch.Tensor:
+        """Attention of q [B, H, S, D], the last S of L positions, over the cached rows idx [B, L]
+        (or the first `rows` rows) -> [B, S, H, D]: query i reads column j iff col_valid[:, j]
+        ([B, L] bool, None = all) and j <= L - S + i. In compact mode keys are rotated to positions
+        0..L-1 and the S queries to L-S..L-1 (fused in `indexed_prefill_attention` for an index set)."""
+        from ..kernels.indexed_attention import indexed_prefill_attention
 
-        if isinstance(rows, int):
-            k, v, L = self.key[:, :, :rows], self.value[:, :, :rows], rows
-        else:
-            k, v, L = gather_rows(self.key, rows), gather_rows(self.value, rows), rows.shape[1]
-        S = q.shape[2]
+        B, H, S, D = q.shape
+        L = rows if isinstance(rows, int) else rows.shape[1]
+        self.ctx.stats.record_read(B, S, L, self.key.shape[1], D, self.key.element_size())
+        if not isinstance(rows, int):
+            cos = sin = None
+            if self.p.compact:
+                cos, sin = self.ctx.state.rope(L, q.device, torch.float32)
+            return indexed_prefill_attention(q, self.key, self.value, rows, col_valid, self.scale, cos, sin)
+        k, v = self.key[:, :, :rows], self.value[:, :, :rows]
         if self.p.compact:
             cos, sin = self.ctx.state.rope(L, q.device, q.dtype)
             k, q = rotate(k, cos, sin), rotate(q, cos[L - S:], sin[L - S:])
-        self.ctx.stats.record_read(q.shape[0], S, L, k.shape[1], k.shape[3], k.element_size())
+        mask = torch.ones(S, L, dtype=torch.bool, device=q.device).tril_(L - S)
+        if col_valid is not None:
+            mask = (mask & col_valid[:, None, :])[:, None]
         return attend_rows(q, k, v, mask, self.scale)
 
     # -- decode --------------------------------------------------------------------------
@@ -322,7 +330,8 @@ class _Call:
                 start += p.chunk
             start = min(start, S)
             if start:
-                outs.append(self._read(past + start, q_all[:, :, :start], self._chunk_mask(None, past, past + start)))
+                valid = self.key_valid[:, :past + start] if self.key_valid is not None else None
+                outs.append(self._read(past + start, q_all[:, :, :start], valid))
         for s in range(start, S, p.chunk):
             e = min(s + p.chunk, S)
             outs.append(self._prefill_chunk(q_all, past + s, past + e, last=e == S))
@@ -348,23 +357,5 @@ class _Call:
         local = torch.full_like(self.first, max(a - p.n_local, 0))
         idx, valid = assemble(self.first, p.n_init, mid, mid_valid, local, a, self.key_valid)
         chunk_idx = torch.arange(a, b, device=q.device).expand(idx.shape[0], -1)
-        return self._read(torch.cat((idx, chunk_idx), dim=1), q, self._chunk_mask(valid, a, b))
-
-    def _chunk_mask(self, selected_valid: torch.Tensor | None, a: int, b: int) -> torch.Tensor:
-        """[B, 1, b - a, L + (b - a)] bool for queries at [a, b): every valid selected row, then the
-        chunk's own keys causally (padding excluded). selected_valid None: the keys are [0, b)."""
-        c = b - a
-        device = self.query.device
-        causal = torch.ones(c, c, dtype=torch.bool, device=device).tril_()
-        B = self.query.shape[0]
-        if selected_valid is not None:
-            head = selected_valid
-        elif self.key_valid is not None:
-            head = self.key_valid[:, :a]
-        else:
-            head = torch.ones(B, a, dtype=torch.bool, device=device)
-        L = head.shape[1]
-        mask = torch.cat((head[:, None, :].expand(B, c, L), causal.expand(B, c, c)), dim=2)
-        if self.key_valid is not None:
-            mask[:, :, L:] &= self.key_valid[:, None, a:b]
-        return mask[:, None]
+        chunk_valid = self.key_valid[:, a:b] if self.key_valid is not None else torch.ones_like(chunk_idx).bool()
+        return self._read(torch.cat((idx, chunk_idx), dim=1), q, torch.cat((valid, chunk_valid), dim=1))
