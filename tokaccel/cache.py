@@ -16,6 +16,7 @@ builds) for the layers a selection policy runs on; other layers are left alone. 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -27,6 +28,25 @@ from .rope import unrotate
 logger = logging.getLogger(__name__)
 
 GROW = 256  # tokens of headroom per reallocation
+
+
+# transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (the
+# old names still work, with a deprecation warning, until 5.40). These helpers accept both.
+def call_cache(kwargs: dict) -> Cache | None:
+    """The Cache a model, decoder layer or attention module was called with."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def output_cache(output) -> Cache | None:
+    """The Cache of a model or `generate` output."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name `model.forward` takes its Cache by: "cache" (transformers >= 5.24) or "past_key_values"."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class SelectionLayer(DynamicLayer):

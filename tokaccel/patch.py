@@ -18,6 +18,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
 
+from .cache import call_cache
 from .policies import LayerContext, LayerInfo, Policy, make_policy
 from .policies.dense import dense_with_stats
 from .stats import Stats
@@ -109,7 +110,7 @@ def _layer_info(module: torch.nn.Module) -> LayerInfo:
 
 def _capture_inputs_hook(ctx: LayerContext):
     def hook(module, args, kwargs):
-        ctx.inputs["past_key_values"] = kwargs.get("past_key_values")
+        ctx.inputs["cache"] = call_cache(kwargs)
         ctx.inputs["position_embeddings"] = kwargs.get("position_embeddings")
 
     return hook

@@ -211,3 +211,24 @@ def test_report_tables_keep_dtypes_apart(passkey_run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "**smollm2-135m-instruct, none, float32**" in printed and "| passkey |" in printed
     assert cli.main(["eval", "--report", str(tmp_path / "nothing")]) == 2
+
+
+def test_report_tables_show_difference_to_dense_and_hit_rate():
+    from tokaccel.evals.runner import length_tables
+
+    def result(policy, task, length, score, hit_rate=None):
+        metrics = {} if hit_rate is None else {"selection_hit_rate": hit_rate}
+        return {"model": "m", "task": task, "length": length, "policy": policy, "policy_label": policy,
+                "metric": "string_match_all", "score": score, "n_samples": 20,
+                "config": {"dtype": "bfloat16"}, "metrics": metrics}
+
+    results = [result("dense", "passkey", 4096, 90.0), result("dense", "niah", 4096, 80.0),
+               result("tokenselect", "passkey", 4096, 85.0, 0.5), result("tokenselect", "niah", 4096, 80.0, 0.7),
+               result("tokenselect", "passkey", 8192, 40.0, 0.9)]
+    tables = length_tables(results)
+    assert "**m, dense, bfloat16** (score, samples)\n" in tables
+    assert "| passkey | 90.0 (20) |" in tables  # dense cells carry no difference
+    assert "**m, tokenselect, bfloat16** (score, samples, difference to dense)" in tables
+    assert "| passkey | 85.0 (20) -5.0 | 40.0 (20) |" in tables  # no dense at 8K: no difference
+    assert "| niah | 80.0 (20) +0.0 | - |" in tables
+    assert "| selection-cache hit rate | 0.60 | 0.90 |" in tables

@@ -37,6 +37,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..cache import output_cache
 from ..policies import parse_spec
 from .timing import PeakMemory, Timing, is_cuda, paired_ratio, synchronize
 
@@ -227,7 +228,7 @@ def generate_once(model, input_ids: torch.Tensor, new_tokens: int, variant: Vari
     tpot = (stamps.times[-1] - stamps.times[0]) / after_first if after_first else float("nan")
     generated = out.sequences[:, prompt_len:]
     return GenResult(ttft, tpot, end - start, generated.shape[1], generated, memory.peak_delta,
-                     cache_bytes(getattr(out, "past_key_values", None)), stats, len(stamps.times))
+                     cache_bytes(output_cache(out)), stats, len(stamps.times))
 
 
 def _timing(values: list[float], warmup: int, device) -> Timing:

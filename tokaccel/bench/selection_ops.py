@@ -59,7 +59,7 @@ def _context(policy: TokenSelect, case: OpCase, queries: int, layer: SelectionLa
     info = LayerInfo(0, shape.num_heads, shape.num_kv_heads, shape.head_dim, None, "full_attention")
     table = RopeTable(StandardRotary(shape.head_dim)) if policy.compact else None
     ctx = LayerContext(info, policy, Stats(), module=_Module(case), state=_Runtime(rope=table))
-    inputs = {"past_key_values": type("Cache", (), {"layers": [layer]})()}
+    inputs = {"cache": type("Cache", (), {"layers": [layer]})()}
     if policy.compact:  # the (cos, sin) HF passes for the queries' own positions N - queries .. N - 1
         cos, sin = table(case.n, case.device, case.dtype)
         inputs["position_embeddings"] = (cos[None, case.n - queries:], sin[None, case.n - queries:])

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..cache import cache_kwarg, output_cache
+
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
@@ -18,8 +20,9 @@ def _forward(model, ids: list[int], cache, start: int, logits_to_keep: int = 1):
     device = _device(model)
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     position_ids = torch.arange(start, start + len(ids), device=device).unsqueeze(0)
-    out = model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep)
-    return out.past_key_values, out.logits[0]
+    out = model(input_ids=input_ids, position_ids=position_ids, use_cache=True, logits_to_keep=logits_to_keep,
+                **{cache_kwarg(model): cache})
+    return output_cache(out), out.logits[0]
 
 
 @torch.no_grad()

@@ -319,22 +319,39 @@ def summary_table(results: list[dict]) -> str:
 
 
 def length_tables(results: list[dict]) -> str:
-    """Markdown, one table per (model, policy): a row per task, a column per length, each cell
-    the score with its sample count, e.g. "95 (20)"."""
+    """Markdown, one table per (model, policy, dtype): a row per task, a column per length, each
+    cell the score with its sample count, e.g. "95.0 (20)". A policy other than dense also shows
+    its difference to dense on the same cell ("90.0 (20) -5.0") and a row of selection-cache hit
+    rates (mean over the tasks) when the policy has a selection cache."""
     out = []
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["model"], r["policy_label"], r["config"].get("dtype")), []).append(r)
+    dense = {(r["model"], r["task"], r["length"], r["config"].get("dtype")): r
+             for r in results if r["policy"] == "dense"}
     for (model, label, dtype), rows in sorted(groups.items(), key=lambda item: tuple(map(str, item[0]))):
         lengths = sorted({r["length"] for r in rows})
         tasks = list(dict.fromkeys(r["task"] for r in sorted(rows, key=lambda r: r["task"])))
-        cells = {(r["task"], r["length"]): f"{_format_score(r)} ({r['n_samples']})" for r in rows}
-        out.append(f"**{model}, {label}, {dtype}** (score, samples)\n")
+        cells = {(r["task"], r["length"]): _cell(r, dense.get((model, r["task"], r["length"], dtype))) for r in rows}
+        out.append(f"**{model}, {label}, {dtype}** (score, samples" + (", difference to dense)\n"
+                   if any(r["policy"] != "dense" for r in rows) else ")\n"))
         out.append("| task | " + " | ".join(_length_name(n) for n in lengths) + " |")
         out.append("|---|" + "---:|" * len(lengths))
         out += [f"| {t} | " + " | ".join(cells.get((t, n), "-") for n in lengths) + " |" for t in tasks]
+        hit_rates = {n: [r["metrics"]["selection_hit_rate"] for r in rows
+                         if r["length"] == n and r["metrics"].get("selection_hit_rate") is not None] for n in lengths}
+        if any(hit_rates.values()):
+            out.append("| selection-cache hit rate | " + " | ".join(
+                f"{sum(v) / len(v):.2f}" if v else "-" for v in hit_rates.values()) + " |")
         out.append("")
     return "\n".join(out)
+
+
+def _cell(result: dict, dense: dict | None) -> str:
+    text = f"{_format_score(result)} ({result['n_samples']})"
+    if dense is None or dense is result or result["policy"] == "dense" or result["metric"] != dense["metric"]:
+        return text
+    return f"{text} {result['score'] - dense['score']:+.{2 if result['metric'] == 'ppl' else 1}f}"
 
 
 def _length_name(n: int) -> str:

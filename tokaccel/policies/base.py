@@ -39,7 +39,7 @@ class LayerContext:
     state: Any = None
     mask_kind: str = "sdpa"  # which mask function built `attention_mask`: "sdpa" or "flash"
     # Filled by a forward pre-hook when the policy sets `captures_layer_inputs`:
-    # "past_key_values" and "position_embeddings" (cos, sin) of the current call.
+    # "cache" and "position_embeddings" (cos, sin) of the current call.
     inputs: dict = field(default_factory=dict)
 
 

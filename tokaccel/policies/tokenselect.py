@@ -39,7 +39,7 @@ from typing import ClassVar
 
 import torch
 
-from ..cache import SelectionLayer, install_selection_layer
+from ..cache import SelectionLayer, call_cache, install_selection_layer
 from ..rope import RopeTable, find_rotary_embedding, rotate, unrotate
 from ..selection import HEAD_MAPPINGS, SelectionState, assemble, attend_rows, cache_hits, merge_rows, soft_vote, top_k
 from .base import LayerContext, LayerInfo, Policy
@@ -152,7 +152,7 @@ class TokenSelect(Policy):
         layer_idx = ctx.info.layer_idx
 
         def hook(module, args, kwargs):
-            cache = kwargs.get("past_key_values")
+            cache = call_cache(kwargs)
             if cache is None:
                 return
             if layer_idx < len(cache.layers) and getattr(cache.layers[layer_idx], "is_sliding", False):
@@ -174,7 +174,7 @@ class TokenSelect(Policy):
         for unsupported in ("softcap", "s_aux"):
             if kwargs.get(unsupported) is not None:
                 raise NotImplementedError(f"tokenselect: attention with {unsupported} is not supported")
-        cache = ctx.inputs.get("past_key_values")
+        cache = ctx.inputs.get("cache")
         idx = ctx.info.layer_idx
         layer = cache.layers[idx] if cache is not None and idx < len(cache.layers) else None
         layer = layer if isinstance(layer, SelectionLayer) else None
