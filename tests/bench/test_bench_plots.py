@@ -57,10 +57,21 @@ def test_summary_tables_script(tmp_path):
     spec.loader.exec_module(module)
     ops = _ops_rows()
     for r in ops:
-        r.update(achieved_gbs=1.0, bw_ratio=0.05, tflops=0.1)
-    append_rows(tmp_path / "bench_ops.csv", ops)
+        r.update(achieved_gbs=1.0, bw_ratio=0.05, tflops=0.1, run_id="a", timestamp="T1")
+    selection = [dict(ops[0], run_id="b", timestamp="T2", impl=impl, phase=phase, part=part, median_ms=ms, speedup=x)
+                 for impl, phase, part, ms, x in (("sdpa", "decode", "total", 4.0, 1.0),
+                                                  ("tokenselect", "decode_hit", "total", 1.0, 4.0),
+                                                  ("tokenselect", "decode_miss", "score", 2.5, ""),
+                                                  ("tokenselect", "decode_miss", "total", 3.0, 1.3))]
+    append_rows(tmp_path / "bench_ops.csv", ops + selection)
     append_rows(tmp_path / "bench_e2e.csv", _e2e_rows())
-    (tmp_path / "bench_ops.md").write_text("### run\n\n`tokaccel bench ops --smoke`\n\n| table |\n")
+    (tmp_path / "bench_ops.md").write_text("### T1 cpu x\n\n`tokaccel bench ops --smoke`\n\n| table |\n\n"
+                                           "### T2 cpu x\n\n`tokaccel bench ops --impls sdpa,tokenselect`\n")
     text = module.make_tables(tmp_path).read_text()
     assert "tokaccel bench ops --smoke" in text and "**Decode step**" in text and "**Prefill chunk**" in text
     assert "| smollm2 | 1K |" in text and "skipped: batch 1 only" in text
+    # one section per run, each under its own command, ratios against its own baseline
+    second = text[text.index("tokaccel bench ops --impls sdpa,tokenselect"):]
+    assert "tokaccel bench ops --smoke" not in second
+    assert "| shape | N | sdpa ms | tokenselect hit ms | tokenselect miss ms | tokenselect miss parts ms |" in second
+    assert "| smollm2 | 256 | 4 | 1 (4.00x) | 3 (1.30x) | score 2.5 |" in second

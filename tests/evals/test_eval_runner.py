@@ -8,7 +8,8 @@ import pytest
 import tokaccel
 from tokaccel.evals import make_samples, run_eval, summary_table
 from tokaccel.evals.decoding import eos_ids, greedy, prefill
-from tokaccel.evals.runner import PolicyMethod, answer_questions, make_method, policy_label, result_dir
+from tokaccel.evals.runner import (PolicyMethod, answer_questions, collect_results, length_tables, make_method,
+                                   policy_label, result_dir)
 from tokaccel.policies import split_specs
 from tokaccel.evals.tasks import get_task
 
@@ -57,9 +58,12 @@ def test_existing_folders_are_skipped_and_summarized(passkey_run, smol, caplog):
     assert all(open(path).read() == text for path, text in stamp.values())
     assert "exists, skipped" in caplog.text
     table = (out / "summary.md").read_text()
-    assert table == summary_table(again)
-    assert table.splitlines()[0] == "| model | task | length | dense | none |"
-    assert table.splitlines()[2].startswith("| smollm2-135m-instruct | passkey | 256 | ")
+    assert table == length_tables(collect_results(out))
+    assert "**smollm2-135m-instruct, dense, float32** (score, samples)" in table
+    assert "**smollm2-135m-instruct, none, float32** (score, samples, difference to dense)" in table
+    listing = summary_table(again).splitlines()
+    assert listing[0] == "| model | task | length | dense | none |"
+    assert listing[2].startswith("| smollm2-135m-instruct | passkey | 256 | ")
     # other settings -> another folder, never a stale one
     settings = {"samples": 2, "seed": 0}
     task, method = get_task("passkey"), PolicyMethod("dense")
@@ -191,8 +195,7 @@ def test_report_tables_keep_dtypes_apart(passkey_run, tmp_path, capsys):
     import shutil
 
     from tokaccel import cli
-    from tokaccel.evals.runner import collect_results, length_tables
-
+    
     out, results = passkey_run
     dense = next(r for r in results if r["policy_label"] == "dense")
     shutil.copytree(dense["folder"], tmp_path / "a" / "dense-fp32")

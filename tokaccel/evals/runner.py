@@ -418,7 +418,7 @@ def run_eval(model="smollm2-135m-instruct", policies=("dense",), tasks=("passkey
     folders are read, not recomputed (force=True recomputes). threads: torch CPU threads for this
     call (1 is far faster on a CPU shared with other jobs). Returns one dict per result (model,
     task, length, policy, policy_label, metric, score, n_samples, folder, config, metrics,
-    skipped) and writes `<out>/summary.md`.
+    skipped) and writes `<out>/summary.md` (every result in the folder, see `length_tables`).
     """
     methods = [make_method(p) for p in policies]
     if len({m.label for m in methods}) != len(methods):
@@ -488,7 +488,7 @@ def run_eval(model="smollm2-135m-instruct", policies=("dense",), tasks=("passkey
     finally:
         bar.close()
         torch.set_num_threads(threads_before)
-    if write_summary and results:
+    if write_summary and results:  # every result in the folder, earlier runs included
         Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "summary.md").write_text(summary_table(results), encoding="utf-8")
+        (Path(out) / "summary.md").write_text(length_tables(collect_results(out)), encoding="utf-8")
     return results
