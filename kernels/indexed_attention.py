@@ -123,9 +123,13 @@ def rotate_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     rot, half = cos.shape[-1], cos.shape[-1] // 2
     xr = x[..., :rot].float()
     x1, x2 = xr[..., :half], xr[..., half:]
-    out = torch.empty_like(xr)  # x * cos + rotate_half(x) * sin, one half at a time, no temporaries
-    torch.mul(x1, cos[..., :half], out=out[..., :half]).addcmul_(x2, sin[..., :half], value=-1.0)
-    torch.mul(x2, cos[..., half:], out=out[..., half:]).addcmul_(x1, sin[..., half:])
+    c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
+    if torch.is_grad_enabled() and xr.requires_grad:  # out= is not differentiable
+        out = torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), dim=-1)
+    else:  # x * cos + rotate_half(x) * sin, one half at a time, no temporaries
+        out = torch.empty_like(xr)
+        torch.mul(x1, c1, out=out[..., :half]).addcmul_(x2, s1, value=-1.0)
+        torch.mul(x2, c2, out=out[..., half:]).addcmul_(x1, s2)
     out = out.to(x.dtype)
     return out if rot == x.shape[-1] else torch.cat((out, x[..., rot:]), dim=-1)
 

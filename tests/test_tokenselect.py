@@ -94,6 +94,20 @@ def test_exact_without_a_cache():
             assert (got - ref)[batch["attention_mask"].bool()].abs().max() <= 1e-4, mode
 
 
+def test_forward_with_autograd_enabled():
+    """A plain forward (grad mode on, as outside generate) runs the sparse prefill and decode paths
+    and gives the no-grad logits (selection is for inference: backward is not supported)."""
+    model, batch = _tiny("llama"), _batch(pad=0)
+    cache_kwarg = tokaccel.cache.cache_kwarg(model)
+    with tokaccel.patched(model, "tokenselect", k=8, n_init=4, n_local=8, chunk=16, dense_fallback=False):
+        out = model(**batch, use_cache=True)
+        step = model(input_ids=batch["input_ids"][:, -1:], **{cache_kwarg: out.past_key_values})
+        with torch.no_grad():
+            ref = model(**batch, use_cache=True)
+            ref_step = model(input_ids=batch["input_ids"][:, -1:], **{cache_kwarg: ref.past_key_values})
+    assert (out.logits - ref.logits).abs().max() <= 1e-5 and (step.logits - ref_step.logits).abs().max() <= 1e-5
+
+
 # ----------------------------------------------------------------------------- selection
 
 
