@@ -82,6 +82,22 @@ def test_exact_on_real_models(name, request):
     assert kinds == ({SelectionLayer, DynamicSlidingWindowLayer} if name == "gemma3" else {SelectionLayer})
 
 
+@pytest.mark.parametrize("mode", ["compact", "original"])
+@pytest.mark.parametrize("pad", [0, 9])
+def test_leading_chunks_that_fit_the_budget_are_dense(mode, pad):
+    """Context > budget: the prompt's leading chunks, whose context fits the budget, are one dense
+    read (plain causal SDPA when nothing is padded), so their logits equal dense; later ones differ."""
+    model, batch = _tiny("llama"), _batch(length=64, pad=pad)
+    with torch.no_grad():
+        ref = model(**batch).logits
+        with tokaccel.patched(model, "tokenselect", k=8, n_init=4, n_local=8, chunk=16, position_mode=mode):
+            got = model(**batch).logits
+    dense_part = 32  # chunks of 16 start at 0, 16, 32; one dense read takes them while their start <= budget 20
+    real = batch["attention_mask"].bool()
+    assert (got - ref)[:, :dense_part][real[:, :dense_part]].abs().max() <= 1e-4
+    assert (got - ref)[:, dense_part:].abs().max() > 1e-3
+
+
 def test_exact_without_a_cache():
     """use_cache=False: no cache layer; compact mode un-rotates the call's own keys."""
     model, batch = _tiny("llama"), _batch()

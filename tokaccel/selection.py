@@ -154,10 +154,11 @@ def assemble(
 
 
 def attend_rows(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool = False
 ) -> torch.Tensor:
     """Attention of q [B, H, S, D] over gathered k/v [B, Hk, L, D] (GQA, no repeat) with a bool
-    mask [B, 1, S, L] (True = read) or None -> [B, S, H, D]. A fully masked row gives 0, as in SDPA.
-    (Decode, S = 1, uses `tokaccel.kernels.indexed_decode_attention`, which also gathers.)"""
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    mask [B, 1, S, L] (True = read), or causal (S = L, no mask), or neither -> [B, S, H, D]. A fully
+    masked row gives 0, as in SDPA. (Decode, S = 1, uses `tokaccel.kernels.indexed_decode_attention`.)"""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal,
+                                         enable_gqa=k.shape[1] != q.shape[1])
     return out.transpose(1, 2)

@@ -277,6 +277,8 @@ class _Call:
         if self.p.compact:
             cos, sin = self.ctx.state.rope(L, q.device, q.dtype)
             k, q = rotate(k, cos, sin), rotate(q, cos[L - S:], sin[L - S:])
+        if L == S and col_valid is None:  # a fresh prompt's leading chunks: SDPA skips the masked half
+            return attend_rows(q, k, v, None, self.scale, causal=True)
         mask = torch.ones(S, L, dtype=torch.bool, device=q.device).tril_(L - S)
         if col_valid is not None:
             mask = (mask & col_valid[:, None, :])[:, None]
