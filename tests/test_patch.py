@@ -1,5 +1,6 @@
 """The patching API: exactness of the dense policy, exact restore, errors, per-model policies."""
 
+import inspect
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -214,3 +215,29 @@ def test_import_has_no_side_effects():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "clean" in result.stdout
+
+
+def test_cache_argument_under_both_transformers_names():
+    """transformers 5.24 renamed `past_key_values` to `cache` (forward argument and output field);
+    tokaccel reads either and passes the name the installed model takes."""
+    from types import SimpleNamespace
+
+    from tokaccel.cache import cache_kwarg, call_cache, output_cache
+
+    old, new = object(), object()
+    assert call_cache({"past_key_values": old}) is old and call_cache({"cache": new}) is new
+    assert call_cache({"cache": None, "past_key_values": old}) is old and call_cache({}) is None
+    assert output_cache(SimpleNamespace(past_key_values=old)) is old
+    assert output_cache(SimpleNamespace(cache=new, past_key_values=old)) is new
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None):
+            return input_ids
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None):
+            return input_ids
+
+    assert cache_kwarg(Old()) == "past_key_values" and cache_kwarg(New()) == "cache"
+    model = tiny_model("llama")
+    assert cache_kwarg(model) in inspect.signature(model.forward).parameters

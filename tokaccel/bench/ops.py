@@ -402,7 +402,7 @@ def settle_allocator(nbytes: int = 16 << 20) -> None:
     mmaps, and raises the threshold to the size of each such block freed (below 32 MiB), after
     which blocks come from the heap. A fresh bench process has not freed anything large yet, so its
     first case paid page faults on every multi-MiB temporary: TokenSelect's decode hit on the
-    SmolLM2 shape at 4K measured 3.3 ms when first and 1.4 ms after any other case.
+    SmolLM2 shape at 4K measured 3.3-4.1 ms when first and 1.3-1.7 ms after any other case.
     """
     block = torch.empty(nbytes, dtype=torch.uint8)
     del block
