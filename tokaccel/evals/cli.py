@@ -92,7 +92,7 @@ def run(args) -> int:
             return 2
         print(length_tables(results), end="")
         return 0
-    from .runner import QUICK, TINY, collect_results, length_tables, run_eval, summary_table
+    from .runner import QUICK, TINY, run_eval, summary_table, write_folder_summary
 
     if args.tiny and not args.quick:
         print("--tiny only goes with --quick", file=sys.stderr)
@@ -117,10 +117,8 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError, ImportError, NotImplementedError) as e:
         print(f"tokaccel eval: {e}", file=sys.stderr)
         return 2
-    from pathlib import Path
-
-    if results:  # summary.md: every result in the folder, earlier runs included, one table per policy
-        (Path(out) / "summary.md").write_text(length_tables(collect_results(out)), encoding="utf-8")
+    if results:
+        write_folder_summary(out)
     print(summary_table(results), end="")
     print(f"\nresults in {out}/ (summary.md: every result there; `tokaccel plot {out}` draws the plots)")
     return 0

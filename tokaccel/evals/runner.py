@@ -488,7 +488,14 @@ def run_eval(model="smollm2-135m-instruct", policies=("dense",), tasks=("passkey
     finally:
         bar.close()
         torch.set_num_threads(threads_before)
-    if write_summary and results:  # every result in the folder, earlier runs included
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "summary.md").write_text(length_tables(collect_results(out)), encoding="utf-8")
+    if write_summary and results:
+        write_folder_summary(out)
     return results
+
+
+def write_folder_summary(out: str | Path) -> Path:
+    """`<out>/summary.md`: `length_tables` of every result in the folder, earlier runs included."""
+    path = Path(out) / "summary.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(length_tables(collect_results(out)), encoding="utf-8")
+    return path
