@@ -10,6 +10,7 @@ Ops:
     softmax_head_sum(...)           per-head softmax over tokens, summed over heads (TokenSelect soft vote)
     indexed_decode_attention(...)   decode attention over an index set (split-K), compact RoPE fused
     indexed_prefill_attention(...)  causal prefill-chunk attention over an index set, compact RoPE fused
+    tree_draft(...), adjacency_update(...)   Token Recycling: draft a static tree; refresh the matrix
 
 Submodules not imported here: ``tokaccel.kernels.aot`` (ahead-of-time compilation
 report), ``tokaccel.kernels.testing`` (tolerances and random inputs for tests).
@@ -35,6 +36,7 @@ from .indexed_attention import (
     indexed_prefill_attention,
     indexed_prefill_attention_reference,
 )
+from .recycling import adjacency_update, adjacency_update_reference, tree_draft, tree_draft_reference
 from .soft_vote import softmax_head_sum, softmax_head_sum_reference
 
 __all__ = [
@@ -58,4 +60,8 @@ __all__ = [
     "indexed_decode_attention_reference",
     "indexed_prefill_attention",
     "indexed_prefill_attention_reference",
+    "tree_draft",
+    "tree_draft_reference",
+    "adjacency_update",
+    "adjacency_update_reference",
 ]
