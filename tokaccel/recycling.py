@@ -287,17 +287,18 @@ class TreeChooser:
     `accepted[m]`: running mean of drafted tokens accepted with the m-node sub-tree. One verify of
     the M-node tree tells how many every sub-tree m <= M would have accepted, so all of them are
     updated at once. `seconds[m]`: running mean of a step's wall time (seeded by `calibrate`).
-    Sizes above the current choice go stale; every `probe_every` steps one of them runs (in turn,
-    from the next larger size up), so a matrix that warms up is noticed.
+    Sizes above the current choice go stale (but never below a sub-tree's estimate); every
+    `probe_every` steps the cheapest larger size runs (4x as rarely while plain steps are best, so
+    a prompt nothing can be drafted for pays ~2%), so a matrix that warms up is noticed.
     """
 
-    def __init__(self, sizes, seconds: dict[int, float], probe_every: int = 8, decay: float = 0.15):
+    def __init__(self, sizes, seconds: dict[int, float], probe_every: int = 8, decay: float = 0.3):
         self.sizes = sorted(sizes)
         self.seconds = dict(seconds)
         self.accepted = {m: (1.0 if m else 0.0) for m in self.sizes}  # optimistic until measured
         self.probe_every, self.decay = probe_every, decay
         self.steps = 0
-        self.probes = 0
+        self.probes = 0  # steps that ran a size above the best (for tests and stats)
 
     def best(self) -> int:
         return max(self.sizes, key=lambda m: (1.0 + self.accepted[m]) / self.seconds[m])
@@ -306,19 +307,28 @@ class TreeChooser:
         self.steps += 1
         best = self.best()
         larger = self.sizes[self.sizes.index(best) + 1:]
-        if self.steps % self.probe_every == 0 and larger:
+        every = self.probe_every if best else 4 * self.probe_every
+        if self.steps % every == 0 and larger:
             self.probes += 1
-            return larger[(self.probes - 1) % len(larger)]
+            return min(reversed(larger), key=lambda m: self.seconds[m])
         return best
 
     def observe(self, size: int, accepted_by_size: dict[int, int], seconds: float) -> None:
         a = self.decay
+        before = self.accepted[size]
         for m, acc in accepted_by_size.items():
             self.accepted[m] += a * (acc - self.accepted[m])
-        for m in self.sizes:  # a tree accepts at least what a sub-tree of it accepts
-            if m > size:
-                self.accepted[m] = max(self.accepted[m], self.accepted[size])
+        for m in self.sizes:
+            if m > size:  # unmeasured: at least the sub-tree's estimate, and the margin above it shrinks
+                margin = max(self.accepted[m] - before, 0.0)
+                self.accepted[m] = self.accepted[size] + (1 - a) * margin
         self.seconds[size] += a * (seconds - self.seconds[size])
+
+    def new_sequence(self) -> None:
+        """A new prompt: keep timings, cap acceptance estimates from the last one at 0.6 tokens
+        (another kind of text may accept nothing; a step or two re-measures it)."""
+        for m in self.sizes:
+            self.accepted[m] = min(self.accepted[m], 0.6)
 
 
 @dataclass
@@ -437,6 +447,15 @@ def _check(model, input_ids, generation_config, cache):
                                   "call generate once per prompt")
     if cache is None:
         raise ValueError("token recycling needs a KV cache (use_cache=True)")
+    from .patch import get_policy
+
+    policy = get_policy(model)
+    if policy is not None and policy.name != "dense":
+        # A selection policy's decode step depends on the path before it (its selection cache) and
+        # reads a per-query index set; verifying a tree in one call would not reproduce that.
+        raise NotImplementedError(f"token recycling on a model patched with {policy.name!r} is not supported yet "
+                                  "(its output would not equal greedy decoding with that policy); "
+                                  "unpatch the model or use plain generate")
     for layer in cache.layers:
         if not hasattr(layer, "crop") or type(layer).__name__.startswith("Static"):
             raise NotImplementedError(f"token recycling needs a dynamic cache; got {type(layer).__name__} layers "
@@ -603,6 +622,8 @@ def generate(
     if fixed is None and chooser is None and not done:
         seconds = calibrate(model, cache, cache.get_seq_length(), trees=trees)
         chooser = state.chooser = TreeChooser(AUTO_SIZES, seconds)
+    if chooser is not None:
+        chooser.new_sequence()
 
     while not done:
         size = chooser.pick() if fixed is None else (fixed if isinstance(fixed, int) else fixed.size)

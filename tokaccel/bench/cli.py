@@ -1,5 +1,5 @@
-"""`tokaccel bench ops` and `tokaccel bench e2e`: run a benchmark, append its rows to
-`<out>/bench_ops.csv` / `<out>/bench_e2e.csv`, append a markdown table (headed by the command
+"""`tokaccel bench ops`, `tokaccel bench e2e` and `tokaccel bench spec`: run a benchmark, append its rows to
+`<out>/bench_ops.csv` / `<out>/bench_e2e.csv` / `<out>/bench_spec.csv`, append a markdown table (headed by the command
 that reproduces it) to `<out>/bench_ops.md` / `<out>/bench_e2e.md`, and print the table.
 
     tokaccel bench ops --shapes smollm2,llama3-8b --n 4K,16K,128K --phases decode
@@ -101,6 +101,18 @@ def add_commands(subparsers) -> None:
     _common(e2e)
     e2e.set_defaults(func=run_e2e_command)
 
+    spec = sub.add_parser("spec", help="speculative decoding: greedy vs Token Recycling vs prompt lookup",
+                          description="Greedy generate on 32 prompts (chat, summarization, code, repetitive), "
+                                      "batch 1, vs lossless speculative variants, interleaved per prompt.")
+    spec.add_argument("--model", default=None, help="embedded name (smollm2, gemma3), HF id or path, or "
+                      "tiny-random-llama (default: smollm2)")
+    spec.add_argument("--variants", type=_names, default=None,
+                      help="recycling[:tree=auto|paper|N], prompt_lookup[:n=10] (default: both; greedy always runs)")
+    spec.add_argument("--per-class", type=int, default=None, help="prompts per class (default: all 8)")
+    spec.add_argument("--new-tokens", type=int, default=None, help="max new tokens per prompt (default: 128)")
+    _common(spec)
+    spec.set_defaults(func=run_spec_command)
+
 
 def _set(config, **values):
     """Override the config fields that were given (not None)."""
@@ -110,7 +122,7 @@ def _set(config, **values):
     return config
 
 
-def _finish(rows: list[dict], out: Path, csv_name: str, command: str, columns, headers) -> int:
+def _finish(rows: list[dict], out: Path, csv_name: str, command: str, columns, headers, table_rows=None) -> int:
     from .results import append_rows, markdown_table
 
     if not rows:
@@ -118,7 +130,7 @@ def _finish(rows: list[dict], out: Path, csv_name: str, command: str, columns, h
         return 1
     csv_path = append_rows(out / csv_name, rows)
     first = rows[0]
-    table = markdown_table(rows, columns, headers)
+    table = markdown_table(table_rows if table_rows is not None else rows, columns, headers)
     heading = (f"### {first.get('timestamp', '')} {first.get('device_name', '')}, {first.get('threads', '')} threads, "
                f"torch {first.get('torch', '')}, commit {first.get('git_commit') or 'none'}"
                f"{' (dirty)' if first.get('git_dirty') in (True, 'True') else ''}\n\n`{command}`\n\n")
@@ -186,6 +198,31 @@ def run_e2e_command(args) -> int:
                               ("--threads", torch.get_num_threads()), ("--smoke", args.smoke), ("--out", args.out)])
     rows = run_e2e(config, run_metadata(config.device), progress=not args.no_progress)
     return _finish(rows, Path(args.out), E2E_CSV, command, TABLE_COLUMNS, TABLE_HEADERS)
+
+
+def run_spec_command(args) -> int:
+    from .results import SPEC_CSV, run_metadata
+    from .speculative import TABLE_COLUMNS, TABLE_HEADERS, SpecConfig, run_spec, smoke_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = smoke_config() if args.smoke else SpecConfig()
+    _set(config, model=args.model if not args.smoke else None, variants=args.variants,
+         per_class=None if args.smoke else args.per_class, new_tokens=None if args.smoke else args.new_tokens,
+         dtype=args.dtype, device=args.device, warmup=args.warmup)
+    command = _command(args, [("--model", config.model), ("--variants", config.variants),
+                              ("--per-class", config.per_class), ("--new-tokens", config.new_tokens),
+                              ("--dtype", config.dtype), ("--device", args.device), ("--warmup", config.warmup),
+                              ("--threads", torch.get_num_threads()), ("--smoke", args.smoke), ("--out", args.out)])
+    rows = run_spec(config, run_metadata(config.device), progress=not args.no_progress)
+    summary = [r for r in rows if r["prompt"] == "all"]
+    code = _finish(rows, Path(args.out), SPEC_CSV, command, TABLE_COLUMNS, TABLE_HEADERS, table_rows=summary)
+    different = [r for r in rows if r["prompt"] != "all" and not r["identical"]]
+    if different:
+        logger.error("%d (prompt, variant) outputs differ from greedy: %s", len(different),
+                     sorted({(r["prompt"], r["variant"]) for r in different}))
+        return 1
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
