@@ -21,11 +21,11 @@ def _prompts(n, vocab=128, seed=0):
 
 
 def _greedy(model, ids, **kw):
-    return model.generate(ids, do_sample=False, **kw)
+    return model.generate(ids, **{"do_sample": False, **kw})
 
 
 def _recycled(model, ids, **kw):
-    return model.generate(ids, do_sample=False, custom_generate=R.generate, **kw)
+    return model.generate(ids, custom_generate=R.generate, **{"do_sample": False, **kw})
 
 
 # ------------------------------------------------------------------------------------ templates
@@ -152,6 +152,48 @@ def test_identical_to_greedy_on_gemma3(gemma3):
     R.reset(model)
 
 
+# ------------------------------------------------------------------------------------ with TokenSelect
+@pytest.mark.parametrize("kind,mode", [("llama", "compact"), ("llama", "original"), ("gemma3", "compact")])
+def test_identical_to_greedy_with_tokenselect(kind, mode):
+    """A tiny budget (2 sinks + 6 selected + 8 local) so most nodes take the sparse path: each tree
+    node must see the selection cache sequential decoding would have had, select on a miss, and
+    leave the accepted path's state for the next step."""
+    import tokaccel
+
+    model = tiny_model(kind)
+    with tokaccel.patched(model, policy="tokenselect", k=6, n_init=2, n_local=8, chunk=8, theta=0.5,
+                          position_mode=mode):
+        for ids in _prompts(4, seed=4):
+            ids = ids.repeat(1, 3)  # 15-42 tokens: beyond the 16-token budget for most
+            tokaccel.reset_stats(model)
+            expect = _greedy(model, ids, max_new_tokens=30, eos_token_id=None)
+            sparse = tokaccel.stats(model)["sparse_calls"]
+            for tree in ("auto", "paper", 4):
+                assert torch.equal(_recycled(model, ids, max_new_tokens=30, eos_token_id=None, tree=tree), expect)
+        assert sparse > 0
+        stats = tokaccel.stats(model)
+        assert stats["selection_hits"] > 0 and stats["selection_misses"] > 0
+    assert R.recycling_state(model).stats.summary()["mean_accepted_per_step"] > 1.2
+
+
+def test_identical_to_greedy_with_tokenselect_on_a_long_smollm2_prompt(smollm2):
+    import tokaccel
+
+    model, tokenizer = smollm2
+    R.reset(model)
+    text = " ".join(["The harbour town kept its records in a stone library by the water."] * 6 +
+                    [f"Entry {i}: the ship {i % 7} arrived with {i * 3} crates of grain." for i in range(120)])
+    ids = tokenizer(text + " Entry 120:", return_tensors="pt")["input_ids"]
+    assert ids.shape[1] > 1500
+    with tokaccel.patched(model, policy="tokenselect", k=256, n_init=32, n_local=128):
+        expect = _greedy(model, ids, max_new_tokens=24)
+        got = _recycled(model, ids, max_new_tokens=24, tree=8)
+        assert tokaccel.stats(model)["sparse_calls"] > 0
+    assert torch.equal(got, expect)
+    assert R.recycling_state(model).stats.summary()["mean_accepted_per_step"] > 1.2
+    R.reset(model)
+
+
 # ------------------------------------------------------------------------------------ the matrix
 def test_hot_start_save_load_and_reset(tmp_path):
     model = tiny_model("llama")
@@ -236,12 +278,19 @@ def test_bad_input_is_rejected():
     with pytest.raises(NotImplementedError, match="static"):
         _recycled(model, ids, max_new_tokens=4, eos_token_id=None, cache_implementation="static")
     import tokaccel
+    from tokaccel.policies import Dense
 
-    with tokaccel.patched(model, policy="tokenselect"):
-        with pytest.raises(NotImplementedError, match="tokenselect"):
+    class NoTrees(Dense):  # a non-dense policy that does not verify trees: refused, never silently wrong
+        name = "no_trees"
+
+    with tokaccel.patched(model, policy=NoTrees()):
+        with pytest.raises(NotImplementedError, match="no_trees"):
             _recycled(model, ids, max_new_tokens=4, eos_token_id=None)
     with tokaccel.patched(model, policy="dense"):  # dense attention through tokaccel's entry: still exact
         assert torch.equal(_recycled(model, ids, max_new_tokens=12, eos_token_id=None, tree="paper"),
                            _greedy(model, ids, max_new_tokens=12, eos_token_id=None))
+    with tokaccel.patched(model, policy="tokenselect", k=4, n_init=2, n_local=6):  # n_local must exceed the depth
+        with pytest.raises(NotImplementedError, match="n_local"):
+            _recycled(model, _prompts(1, seed=9)[0].repeat(1, 4), max_new_tokens=8, eos_token_id=None, tree="paper")
     with pytest.raises(ValueError, match="adjacency matrix has 5 rows"):
         _recycled(model, ids, max_new_tokens=4, eos_token_id=None, adjacency=R.Adjacency(5))

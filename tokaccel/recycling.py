@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import cache_kwarg, call_cache
+from .policies.base import TREE_KWARG
 
 SLOTS = 8  # candidates kept per token (columns of A)
 
@@ -363,12 +364,15 @@ def _calibration_key(model, device) -> str:
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     dtype = next(model.parameters()).dtype
     name = getattr(model.config, "_name_or_path", "") or type(model).__name__
-    return (f"{name}|{type(model).__name__}|L{cfg.num_hidden_layers}|H{cfg.hidden_size}|V{cfg.vocab_size}|"
+    patch = getattr(model, "_tokaccel_patch", None)
+    policy = str(patch.policy) if patch is not None else "unpatched"
+    return (f"{name}|{policy}|{type(model).__name__}|L{cfg.num_hidden_layers}|H{cfg.hidden_size}|V{cfg.vocab_size}|"
             f"{device.type}|{str(dtype).replace('torch.', '')}|threads{torch.get_num_threads()}")
 
 
 @torch.no_grad()
-def calibrate(model, cache, context_len: int, sizes=AUTO_SIZES, trees=None, repeats: int = 3) -> dict[int, float]:
+def calibrate(model, cache, context_len: int, sizes=AUTO_SIZES, trees=None, repeats: int = 3,
+              tree_kwargs=lambda tree: {}) -> dict[int, float]:
     """Seconds of one verify forward per tree size, measured on `cache` (left as it was), median
     of `repeats`. Results are cached per (model, device, dtype, threads) in
     ~/.cache/tokaccel/recycling_calibration.json (TOKACCEL_CACHE overrides the folder)."""
@@ -394,7 +398,8 @@ def calibrate(model, cache, context_len: int, sizes=AUTO_SIZES, trees=None, repe
             times = []
             for _ in range(repeats + 1):
                 start = time.perf_counter()
-                model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True, **{name: cache})
+                model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True, **{name: cache},
+                      **(tree_kwargs(tree) if tree else {}))
                 times.append(time.perf_counter() - start)
                 cache.crop(-n)
             seconds[m] = sorted(times[1:])[len(times[1:]) // 2]
@@ -450,12 +455,12 @@ def _check(model, input_ids, generation_config, cache):
     from .patch import get_policy
 
     policy = get_policy(model)
-    if policy is not None and policy.name != "dense":
+    if policy is not None and policy.name != "dense" and not policy.verifies_trees:
         # A selection policy's decode step depends on the path before it (its selection cache) and
-        # reads a per-query index set; verifying a tree in one call would not reproduce that.
-        raise NotImplementedError(f"token recycling on a model patched with {policy.name!r} is not supported yet "
-                                  "(its output would not equal greedy decoding with that policy); "
-                                  "unpatch the model or use plain generate")
+        # reads a per-query index set; a policy must verify trees itself to reproduce that.
+        raise NotImplementedError(f"token recycling on a model patched with {policy.name!r} is not supported "
+                                  "(the policy does not verify draft trees, so the output would not equal greedy "
+                                  "decoding with it); unpatch the model or use plain generate")
     for layer in cache.layers:
         if not hasattr(layer, "crop") or type(layer).__name__.startswith("Static"):
             raise NotImplementedError(f"token recycling needs a dynamic cache; got {type(layer).__name__} layers "
@@ -475,10 +480,10 @@ def _compact(cache, n: int, keep: torch.Tensor) -> None:
             idx = keep.to(layer.keys.device) + base
             layer.keys[..., base:base + k, :] = layer.keys[..., idx, :]
             layer.values[..., base:base + k, :] = layer.values[..., idx, :]
-    if n > k:
-        cache.crop(-(n - k))
-    else:
-        cache.crop(0)  # sliding layers that recorded the step: back to their window
+        if n > k:
+            layer.crop(-(n - k))
+        elif getattr(layer, "is_sliding", False):
+            layer.crop(0)  # a sliding layer that recorded the step: back to its window
 
 
 def _processed_logits(logits: torch.Tensor, tree: TreeTemplate | None, tokens, sequence, processors) -> torch.Tensor:
@@ -572,6 +577,12 @@ def generate(
     else:
         fixed = tree if isinstance(tree, TreeTemplate) else TreeTemplate(tree)
 
+    # a policy that verifies trees itself (TokenSelect) gets the tree with the verify forward
+    patch = getattr(model, "_tokaccel_patch", None)
+
+    def tree_kwargs(t: TreeTemplate) -> dict:
+        return {TREE_KWARG: t} if patch is not None and patch.policy.verifies_trees else {}
+
     # prefill
     attention_mask = model_kwargs.get("attention_mask")
     position_ids = model_kwargs.get("position_ids")
@@ -620,7 +631,7 @@ def generate(
     done = emit(first, scores_all, raw)
     chooser = state.chooser
     if fixed is None and chooser is None and not done:
-        seconds = calibrate(model, cache, cache.get_seq_length(), trees=trees)
+        seconds = calibrate(model, cache, cache.get_seq_length(), trees=trees, tree_kwargs=tree_kwargs)
         chooser = state.chooser = TreeChooser(AUTO_SIZES, seconds)
     if chooser is not None:
         chooser.new_sequence()
@@ -643,7 +654,7 @@ def generate(
             mask = _masks(model, t, cache, seen, prefix_valid, device)
             with _TreeAttention(model):
                 out = model(input_ids=tokens[None], position_ids=positions, attention_mask=mask, use_cache=True,
-                            logits_to_keep=0, **{name: cache}, **extra)
+                            logits_to_keep=0, **{name: cache}, **extra, **tree_kwargs(t))
         raw = out.logits[0].float()
         node_scores = _processed_logits(raw, t, tokens, sequence, processors)
         y = node_scores.argmax(-1)
@@ -667,6 +678,8 @@ def generate(
                 accepted = {m: int(torch.where(ok & (ranks < m), depths, 0).max()) for m in chooser.sizes
                             if 0 < m <= size}
         _compact(cache, n, path)
+        if t is not None and patch is not None and patch.policy.verifies_trees:
+            patch.policy.commit_tree(patch.contexts, cache, path.tolist())
         out_tokens = torch.cat((tokens[path[1:]], y[path[-1:]]))
         stats.steps += 1
         stats.sizes[size] = stats.sizes.get(size, 0) + 1

@@ -42,6 +42,32 @@ def test_bench_e2e_smoke(tmp_path):
     assert "--peers none" in (tmp_path / "bench_e2e.md").read_text()
 
 
+def test_bench_spec_smoke(tmp_path, monkeypatch):
+    """Greedy vs Token Recycling vs prompt lookup on the tiny model: one prompt per class, every
+    variant token-identical to greedy, summary rows per class and overall."""
+    monkeypatch.setenv("TOKACCEL_CACHE", str(tmp_path / "cache"))
+    assert cli.main(["bench", "spec", "--smoke", "--out", str(tmp_path), "--no-progress"]) == 0
+    rows = read_rows(tmp_path / "bench_spec.csv")
+    per_prompt = [r for r in rows if r["prompt"] != "all"]
+    assert len(per_prompt) == 4 * 3 and {r["variant"] for r in rows} == {"greedy", "recycling", "prompt_lookup"}
+    assert all(r["identical"] == "True" for r in per_prompt)
+    summary = {(r["class"], r["variant"]) for r in rows if r["prompt"] == "all"}
+    assert ("all", "recycling") in summary and ("repetitive", "prompt_lookup") in summary
+    assert set(METADATA_COLUMNS) <= set(rows[0])
+    assert "`tokaccel bench spec --model tiny-random-llama" in (tmp_path / "bench_spec.md").read_text()
+
+
+def test_spec_prompt_set():
+    from tokaccel.bench.spec_prompts import PROMPTS, WARMUP, prompt_set
+
+    assert {k: len(v) for k, v in PROMPTS.items()} == {"chat": 8, "summarization": 8, "code": 8, "repetitive": 8}
+    pairs = prompt_set()
+    assert len(pairs) == 32 and [c for c, _ in pairs[:4]] == list(PROMPTS)  # classes interleaved
+    assert not set(WARMUP) & {p for _, p in pairs}
+    with pytest.raises(ValueError, match="unknown variant"):
+        cli.main(["bench", "spec", "--smoke", "--variants", "medusa", "--out", "/tmp/none", "--no-progress"])
+
+
 def test_registered_in_the_tokaccel_cli():
     from tokaccel import cli as main_cli
 

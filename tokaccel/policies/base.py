@@ -10,6 +10,8 @@ import torch
 
 from ..stats import Stats
 
+TREE_KWARG = "tokaccel_tree"  # forward kwarg carrying a draft tree (tokaccel.recycling) to `Policy.attend`
+
 
 @dataclass(frozen=True)
 class LayerInfo:
@@ -55,6 +57,10 @@ class Policy:
     description: ClassVar[str] = ""
     # Set True when `attend` needs the cache object and (cos, sin) of the current call.
     captures_layer_inputs: ClassVar[bool] = False
+    # Set True when `attend` handles a speculative draft tree passed as the `tokaccel_tree` kwarg
+    # exactly as sequential decoding would, and `commit_tree(contexts, cache, path)` exists
+    # (tokaccel.recycling). Other non-dense policies are refused by tree verification.
+    verifies_trees: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.validate()

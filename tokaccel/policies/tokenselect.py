@@ -42,7 +42,7 @@ import torch
 from ..cache import SelectionLayer, call_cache, install_selection_layer
 from ..rope import RopeTable, find_rotary_embedding, rotate, unrotate
 from ..selection import HEAD_MAPPINGS, SelectionState, assemble, attend_rows, cache_hits, merge_rows, soft_vote, top_k
-from .base import LayerContext, LayerInfo, Policy
+from .base import TREE_KWARG, LayerContext, LayerInfo, Policy
 from .dense import dense_with_stats
 
 POSITION_MODES = ("compact", "original")
@@ -53,6 +53,7 @@ class _Runtime:
     """Per-layer objects set at patch time."""
 
     rope: RopeTable | None = None
+    tree_states: list | None = None  # per-node selection states of the last verified draft tree
 
 
 @dataclass
@@ -78,6 +79,7 @@ class TokenSelect(Policy):
     name: ClassVar[str] = "tokenselect"
     description: ClassVar[str] = "TokenSelect: per-head soft-vote top-k token selection with a selection cache"
     captures_layer_inputs: ClassVar[bool] = True
+    verifies_trees: ClassVar[bool] = True  # see _attend_tree / commit_tree
 
     k: int = 2048
     n_init: int = 128
@@ -169,6 +171,7 @@ class TokenSelect(Policy):
 
     # ------------------------------------------------------------------ attention
     def attend(self, ctx, module, query, key, value, attention_mask, **kwargs):
+        tree = kwargs.pop(TREE_KWARG, None)
         if kwargs.get("sliding_window") is not None:
             return dense_with_stats(ctx, module, query, key, value, attention_mask, **kwargs)
         for unsupported in ("softcap", "s_aux"):
@@ -186,6 +189,8 @@ class TokenSelect(Policy):
             if layer is None:  # no cache (use_cache=False): this call's keys are still rotated
                 key = unrotate(key, cos, sin, scaling)
             q_pre = unrotate(query, cos, sin, scaling)
+        if tree is not None:
+            return self._attend_tree(ctx, module, query, key, value, attention_mask, layer, q_pre, tree, kwargs)
         if self.dense_fallback and N <= self.budget:
             if self.compact:  # positions 0..N-1: the same distances as the model's own positions
                 cos_t, sin_t = ctx.state.rope(N, query.device, query.dtype)
@@ -200,6 +205,47 @@ class TokenSelect(Policy):
         if layer is not None:
             layer.selection = None  # new tokens: the next decode step selects afresh
         return call.prefill(), None
+
+    # ------------------------------------------------------------------ tree verification
+    def _attend_tree(self, ctx, module, query, key, value, attention_mask, layer, q_pre, tree, kwargs):
+        """A speculative draft tree (tokaccel.recycling): node i of the S queries at depth d sees the
+        P-token prefix and its own ancestors, and must get what sequential decoding would have
+        computed there: the selection cache it would have had (its parent's), its own selection on a
+        miss, positions 0..P+d in compact mode. Per-node states are kept for `commit_tree`."""
+        S, N = query.shape[2], key.shape[2]
+        P = N - S
+        if attention_mask is not None and not bool(attention_mask[0, 0, 0, :P].all()):
+            raise NotImplementedError("tokenselect: tree verification with padding in the prompt is not supported")
+        if self.n_local <= len(tree.levels):
+            raise NotImplementedError(f"tokenselect: tree verification needs n_local > the tree depth "
+                                      f"({len(tree.levels)}), got n_local={self.n_local}")
+        depth = tree.depth.to(query.device)
+        if self.dense_fallback and P + len(tree.levels) + 1 <= self.budget:  # every node dense: one call
+            ctx.state.tree_states = None
+            if self.compact:
+                cos, sin = ctx.state.rope(P + S, query.device, query.dtype)
+                positions = torch.cat((torch.arange(P, device=query.device), P + depth))
+                key = rotate(key, cos[positions], sin[positions])
+                query = rotate(q_pre, cos[P + depth], sin[P + depth])
+            return dense_with_stats(ctx, module, query, key, value, attention_mask, **kwargs)
+        scale = kwargs.get("scaling")
+        scale = float(scale if scale is not None else getattr(module, "scaling", query.shape[3] ** -0.5))
+        call = _Call(self, ctx, q_pre if self.compact else query, key, value, None, scale)
+        ctx.stats["sparse_calls"] += 1
+        out, ctx.state.tree_states = call.decode_tree(layer.selection if layer is not None else None, tree)
+        return out, None
+
+    def commit_tree(self, contexts: list[LayerContext], cache, path: list[int]) -> None:
+        """After a verified tree's accepted path (node indices) was moved into place: each layer's
+        selection cache becomes the one sequential decoding would have after the path's last node."""
+        for ctx in contexts:
+            if ctx.policy is None or getattr(ctx.state, "tree_states", None) is None:
+                continue
+            idx = ctx.info.layer_idx
+            layer = cache.layers[idx] if idx < len(cache.layers) else None
+            if isinstance(layer, SelectionLayer):
+                layer.selection = ctx.state.tree_states[path[-1]]
+            ctx.state.tree_states = None
 
     def vote(self, q: torch.Tensor, keys: torch.Tensor, scale: float, valid, query_valid=None) -> torch.Tensor:
         """The scorer: [B, Nc] votes of q [B, H, D] or [B, H, w, D] for candidate keys [B, Hk, Nc, D].
@@ -305,9 +351,42 @@ class _Call:
         idx, valid = assemble(self.first, p.n_init, state.mid, state.mid_valid, state.local_start, N, self.key_valid)
         return self._read_decode(idx, valid)
 
-    def _read_decode(self, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """The decode query over the rows idx [B, L] (left-aligned validity) -> [B, 1, H, D]: one
-        kernel gathers the rows, rotates keys to 0..L-1 and the query to L-1 (compact) and attends."""
+    def decode_tree(self, before: SelectionState | None, tree) -> tuple[torch.Tensor, list]:
+        """The S queries of a draft tree (batch 1; TreeTemplate `tree`, keys [1, Hk, P + S, D] with
+        the tree's nodes last), each decoded as a sequential step over the prefix and its ancestors
+        (rows P + ancestor index). -> (out [1, S, H, D], selection state after each node)."""
+        p = self.p
+        S, N_all = self.query.shape[2], self.key.shape[2]
+        P = N_all - S
+        device = self.query.device
+        parent, depth = tree.parent.tolist(), tree.depth.tolist()
+        states: list = [None] * S
+        outs = []
+        for i in range(S):
+            path = torch.nonzero(tree.ancestors[i]).flatten().to(device)  # root .. node i
+            N = P + depth[i] + 1
+            state = before if i == 0 else states[parent[i]]
+            if p.dense_fallback and N <= p.budget:
+                idx = torch.arange(N, device=device)[None]
+                valid = torch.ones_like(idx, dtype=torch.bool)
+            else:
+                f = self._scoring_query(self.query[:, :, i])  # [1, H, D]
+                flat = f.reshape(1, -1).float()
+                hit = bool(cache_hits(state, flat, p.theta).all())
+                self.ctx.stats["selection_hits" if hit else "selection_misses"] += 1
+                if not hit:
+                    mid, mid_valid = self._select(f, max(N - p.n_local, 0))
+                    state = SelectionState(flat, mid, mid_valid, torch.full_like(self.first, max(N - p.n_local, 0)))
+                idx, valid = assemble(self.first, p.n_init, state.mid, state.mid_valid, state.local_start, N, None)
+            states[i] = state
+            rows = torch.where(idx < P, idx, P + path[(idx - P).clamp(0, path.numel() - 1)])
+            outs.append(self._read_decode(rows, valid, self.query[:, :, i]))
+        return torch.cat(outs, dim=1), states
+
+    def _read_decode(self, idx: torch.Tensor, valid: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
+        """The decode query [B, H, D] (default: the call's only one) over the rows idx [B, L]
+        (left-aligned validity) -> [B, 1, H, D]: one kernel gathers the rows, rotates keys to 0..L-1
+        and the query to L-1 (compact) and attends."""
         from ..kernels.indexed_attention import indexed_decode_attention
 
         L = idx.shape[1]
@@ -315,7 +394,8 @@ class _Call:
         if self.p.compact:
             cos, sin = self.ctx.state.rope(L, idx.device, torch.float32)
         start = L - valid.sum(1)
-        out = indexed_decode_attention(self.query[:, :, 0], self.key, self.value, idx, start, self.scale, cos, sin)
+        query = self.query[:, :, 0] if query is None else query
+        out = indexed_decode_attention(query, self.key, self.value, idx, start, self.scale, cos, sin)
         self.ctx.stats.record_read(idx.shape[0], 1, L, self.key.shape[1], self.key.shape[3], self.key.element_size())
         return out[:, None]
 
