@@ -7,8 +7,9 @@ none of them more often than the others. Speedups are ratios of summed wall time
 prompts, measured side by side in one run. Each row also says whether the variant's tokens equal
 greedy's (they must, all three are lossless) and its tokens per forward after the prefill.
 
-Token Recycling keeps its matrix across prompts (hot start) as a user's process would; `--warmup`
-prompts (not timed) run first, which also calibrates its tree sizes on this machine.
+Token Recycling keeps its matrix across prompts (hot start) as a user's process would, one state
+per recycling variant (so two variants never share what they learned); `--warmup` prompts (not
+timed) run first, which also calibrates its tree sizes on this machine.
 
 Variants: "recycling[:tree=auto|paper|N]" and "prompt_lookup[:n=10]"; "greedy" always runs.
 """
@@ -95,6 +96,7 @@ def run_spec(config: SpecConfig, metadata: dict | None = None, progress: bool = 
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     warm = (warm * config.warmup)[:config.warmup]
     counter = _ForwardCounter(model)
+    states: dict = {}
     rows = []
     base = dict(metadata or {})
     base.update(model=config.model, dtype=str(dtype).replace("torch.", ""), new_tokens_max=config.new_tokens,
@@ -102,13 +104,15 @@ def run_spec(config: SpecConfig, metadata: dict | None = None, progress: bool = 
     try:
         with torch.inference_mode():
             for ids in warm:
-                for _, kwargs in variants:
+                for name, kwargs in variants:
+                    _switch_state(model, states, name)
                     model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                    max_new_tokens=config.new_tokens, pad_token_id=pad, **kwargs)
             for i, ((cls, _), ids) in enumerate(zip(prompts, encoded)):
                 order = variants[i % len(variants):] + variants[:i % len(variants)]
                 results = {}
                 for name, kwargs in order:
+                    _switch_state(model, states, name)
                     counter.calls = 0
                     start = time.perf_counter()
                     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
@@ -131,7 +135,21 @@ def run_spec(config: SpecConfig, metadata: dict | None = None, progress: bool = 
                         f"{n} {results[BASELINE][1] / results[n][1]:.2f}x" for n, _ in variants[1:]), flush=True)
     finally:
         counter.handle.remove()
+        _switch_state(model, states, None)
     return rows + summarize(rows)
+
+
+def _switch_state(model, states: dict, name: str | None) -> None:
+    """Give each recycling variant its own hot-start state (matrix, tree timings), so one variant
+    never drafts from what another just learned on the same prompt."""
+    from ..recycling import _STATE_ATTR
+
+    current = states.get("_current")
+    if current is not None:
+        states[current] = model.__dict__.pop(_STATE_ATTR, None)
+    states["_current"] = name
+    if name is not None and states.get(name) is not None:
+        model.__dict__[_STATE_ATTR] = states[name]
 
 
 def summarize(rows: list[dict]) -> list[dict]:
