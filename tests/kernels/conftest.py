@@ -1,4 +1,6 @@
 """Fixtures for the kernel tests: running Python in a fresh process with a chosen environment."""
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -34,3 +36,41 @@ def run_python():
         return proc
 
     return run
+
+
+def load_worker(path):
+    """An interpreter worker script (tests/kernels/*_interp_worker.py) imported as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def interp_results(worker_path, cases, tmp_path_factory, run_python):
+    """Results of `worker.run_cases(cases)` under Triton's interpreter: in process when triton was
+    imported in interpreter mode, else in a child process with TRITON_INTERPRET=1."""
+    from tokaccel.kernels import interpret_enabled
+
+    if interpret_enabled():
+        return load_worker(worker_path).run_cases(cases)
+    d = tmp_path_factory.mktemp(worker_path.stem)
+    (d / "cases.json").write_text(json.dumps(cases))
+    run_python([str(worker_path), str(d / "cases.json"), str(d / "results.json")], timeout=600, TRITON_INTERPRET="1")
+    return json.loads((d / "results.json").read_text())
+
+
+def assert_compile_without_spills(run_python, tmp_path, modules, kernel_names, caps=(80, 90)):
+    """AOT-compile `kernel_names` (registered by importing `modules`) for each cap in a child
+    process without TRITON_INTERPRET; every config must compile, with registers and no spills."""
+    code = (f"import json, sys\nimport {', '.join(modules)}\nfrom tokaccel.kernels import aot\n"
+            f"json.dump(aot.compile_all(caps={tuple(caps)!r}, kernels={list(kernel_names)!r}), open(sys.argv[1], 'w'), "
+            "default=str)\n")
+    path = tmp_path / "aot.json"
+    run_python(["-c", code, str(path)], timeout=600, TRITON_INTERPRET=None)
+    report = json.loads(path.read_text())
+    rows = [r for rep in report["reports"] for r in rep["configs"]]
+    assert {(r["kernel"], r["cap"]) for r in rows} == {(n, c) for n in kernel_names for c in caps}
+    for r in rows:
+        where = f"{r['kernel']}/{r['config']} sm_{r['cap']}"
+        assert r["ok"], f"{where}: {r['error']}"
+        assert 0 < r["n_regs"] <= 255 and r["n_spills"] == 0, (where, r["n_regs"], r["n_spills"])

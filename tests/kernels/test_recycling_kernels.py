@@ -7,14 +7,14 @@ adjacency_update (top-8 of every node's logits scattered into its token's row, o
   that are not a multiple of the block, duplicate tokens, ties, strided logits;
 * ahead-of-time compilation for sm_80 and sm_90 without spills.
 """
-import importlib.util
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from tokaccel.kernels import HAS_TRITON, interpret_enabled
+from tests.kernels.conftest import assert_compile_without_spills, load_worker
+from tests.kernels.conftest import interp_results as run_interp
+from tokaccel.kernels import HAS_TRITON
 from tokaccel.kernels.recycling import adjacency_update, tree_draft, tree_draft_reference
 
 WORKER = Path(__file__).with_name("recycling_interp_worker.py")
@@ -22,10 +22,7 @@ KERNEL_NAMES = ["tree_draft", "adjacency_update"]
 
 
 def _worker():
-    spec = importlib.util.spec_from_file_location("recycling_interp_worker", WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_worker(WORKER)
 
 
 @pytest.mark.parametrize("tree", ["paper", 4])
@@ -78,12 +75,7 @@ CASES = _cases()
 
 @pytest.fixture(scope="module")
 def interp_results(tmp_path_factory, run_python):
-    if interpret_enabled():
-        return _worker().run_cases(CASES)
-    d = tmp_path_factory.mktemp("recycling_interp")
-    (d / "cases.json").write_text(json.dumps(CASES))
-    run_python([str(WORKER), str(d / "cases.json"), str(d / "results.json")], timeout=600, TRITON_INTERPRET="1")
-    return json.loads((d / "results.json").read_text())
+    return run_interp(WORKER, CASES, tmp_path_factory, run_python)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -96,14 +88,4 @@ def test_triton_matches_reference(interp_results, case):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path, run_python):
-    code = ("import json, sys\nimport tokaccel.kernels.recycling\nfrom tokaccel.kernels import aot\n"
-            f"json.dump(aot.compile_all(caps=(80, 90), kernels={KERNEL_NAMES!r}), open(sys.argv[1], 'w'), default=str)\n")
-    path = tmp_path / "aot.json"
-    run_python(["-c", code, str(path)], timeout=600, TRITON_INTERPRET=None)
-    report = json.loads(path.read_text())
-    rows = [r for rep in report["reports"] for r in rep["configs"]]
-    assert {(r["kernel"], r["cap"]) for r in rows} == {(n, c) for n in KERNEL_NAMES for c in (80, 90)}
-    for r in rows:
-        where = f"{r['kernel']}/{r['config']} sm_{r['cap']}"
-        assert r["ok"], f"{where}: {r['error']}"
-        assert 0 < r["n_regs"] <= 255 and r["n_spills"] == 0, (where, r["n_regs"], r["n_spills"])
+    assert_compile_without_spills(run_python, tmp_path, ["tokaccel.kernels.recycling"], KERNEL_NAMES)

@@ -8,14 +8,14 @@ index set, compact RoPE fused) and indexed_prefill_attention (a causal chunk ove
   query rows, chunks that are not a multiple of the query block, forced splits, strided caches;
 * ahead-of-time compilation for sm_80 and sm_90 without spills.
 """
-import importlib.util
 import itertools
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.kernels.conftest import assert_compile_without_spills, load_worker
+from tests.kernels.conftest import interp_results as run_interp
 from tokaccel.kernels import HAS_TRITON, interpret_enabled, resolve_backend
 from tokaccel.kernels.indexed_attention import (gather_rows, indexed_decode_attention, indexed_prefill_attention,
                                                 rotate_rows)
@@ -27,10 +27,7 @@ KERNEL_NAMES = ["softmax_row_stats", "softmax_head_sum", "indexed_decode_attenti
 
 
 def _worker():
-    spec = importlib.util.spec_from_file_location("selection_interp_worker", WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_worker(WORKER)
 
 
 # ----------------------------------------------------------------------------- references
@@ -220,12 +217,7 @@ CASES = _cases()
 
 @pytest.fixture(scope="module")
 def interp_results(tmp_path_factory, run_python):
-    if interpret_enabled():
-        return _worker().run_cases(CASES)
-    d = tmp_path_factory.mktemp("selection_interp")
-    (d / "cases.json").write_text(json.dumps(CASES))
-    run_python([str(WORKER), str(d / "cases.json"), str(d / "results.json")], timeout=600, TRITON_INTERPRET="1")
-    return json.loads((d / "results.json").read_text())
+    return run_interp(WORKER, CASES, tmp_path_factory, run_python)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -241,15 +233,5 @@ def test_triton_matches_reference(interp_results, case):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path, run_python):
-    code = ("import json, sys\nimport tokaccel.kernels.soft_vote, tokaccel.kernels.indexed_attention\n"
-            "from tokaccel.kernels import aot\n"
-            f"json.dump(aot.compile_all(caps=(80, 90), kernels={KERNEL_NAMES!r}), open(sys.argv[1], 'w'), default=str)\n")
-    path = tmp_path / "aot.json"
-    run_python(["-c", code, str(path)], timeout=600, TRITON_INTERPRET=None)
-    report = json.loads(path.read_text())
-    rows = [r for rep in report["reports"] for r in rep["configs"]]
-    assert {(r["kernel"], r["cap"]) for r in rows} == {(n, c) for n in KERNEL_NAMES for c in (80, 90)}
-    for r in rows:
-        where = f"{r['kernel']}/{r['config']} sm_{r['cap']}"
-        assert r["ok"], f"{where}: {r['error']}"
-        assert 0 < r["n_regs"] <= 255 and r["n_spills"] == 0, (where, r["n_regs"], r["n_spills"])
+    assert_compile_without_spills(run_python, tmp_path, ["tokaccel.kernels.soft_vote",
+                                                         "tokaccel.kernels.indexed_attention"], KERNEL_NAMES)
