@@ -2,8 +2,8 @@
 HF's prompt lookup decoding on the 32-prompt set of `spec_prompts` (chat, summarization, code,
 repetitive), batch 1, up to `new_tokens` tokens each (EOS ends a row early, as in real use).
 
-Per prompt every variant runs once, the order rotated from prompt to prompt; greedy runs first in
-none of them more often than the others. Speedups are ratios of summed wall time over the same
+Per prompt every variant runs once, the order rotated from prompt to prompt (no variant always
+runs first). Speedups are ratios of summed wall time over the same
 prompts, measured side by side in one run. Each row also says whether the variant's tokens equal
 greedy's (they must, all three are lossless) and its tokens per forward after the prefill.
 
