@@ -630,6 +630,7 @@ def generate(
     first = scores_all.argmax(-1)
     done = emit(first, scores_all, raw)
     chooser = state.chooser
+    tree_attention = _TreeAttention(model)  # finds the model's attention configs once, not every step
     if fixed is None and chooser is None and not done:
         seconds = calibrate(model, cache, cache.get_seq_length(), trees=trees, tree_kwargs=tree_kwargs)
         chooser = state.chooser = TreeChooser(AUTO_SIZES, seconds)
@@ -652,7 +653,7 @@ def generate(
             tokens = draft_tree(table, root, t)
             positions = (next_pos + t.depth.to(device))[None]
             mask = _masks(model, t, cache, seen, prefix_valid, device)
-            with _TreeAttention(model):
+            with tree_attention:
                 out = model(input_ids=tokens[None], position_ids=positions, attention_mask=mask, use_cache=True,
                             logits_to_keep=0, **{name: cache}, **extra, **tree_kwargs(t))
         raw = out.logits[0].float()
