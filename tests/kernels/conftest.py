@@ -59,6 +59,13 @@ def interp_results(worker_path, cases, tmp_path_factory, run_python):
     return json.loads((d / "results.json").read_text())
 
 
+def assert_interp_case_ok(results, case):
+    """One case of `interp_results`: run in interpreter mode, Triton equal to the reference."""
+    assert results["interpret_enabled"] is True
+    result = results["cases"][case["id"]]
+    assert result["ok"], result["msg"]
+
+
 def assert_compile_without_spills(run_python, tmp_path, modules, kernel_names, caps=(80, 90)):
     """AOT-compile `kernel_names` (registered by importing `modules`) for each cap in a child
     process without TRITON_INTERPRET; every config must compile, with registers and no spills."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.kernels.conftest import assert_compile_without_spills, load_worker
+from tests.kernels.conftest import assert_compile_without_spills, assert_interp_case_ok, load_worker
 from tests.kernels.conftest import interp_results as run_interp
 from tokaccel.kernels import HAS_TRITON
 from tokaccel.kernels.recycling import adjacency_update, tree_draft, tree_draft_reference
@@ -81,9 +81,7 @@ def interp_results(tmp_path_factory, run_python):
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
 def test_triton_matches_reference(interp_results, case):
-    assert interp_results["interpret_enabled"] is True
-    result = interp_results["cases"][case["id"]]
-    assert result["ok"], result["msg"]
+    assert_interp_case_ok(interp_results, case)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.kernels.conftest import assert_compile_without_spills, load_worker
+from tests.kernels.conftest import assert_compile_without_spills, assert_interp_case_ok, load_worker
 from tests.kernels.conftest import interp_results as run_interp
 from tokaccel.kernels import HAS_TRITON, interpret_enabled, resolve_backend
 from tokaccel.kernels.indexed_attention import (gather_rows, indexed_decode_attention, indexed_prefill_attention,
@@ -223,9 +223,7 @@ def interp_results(tmp_path_factory, run_python):
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
 def test_triton_matches_reference(interp_results, case):
-    assert interp_results["interpret_enabled"] is True
-    result = interp_results["cases"][case["id"]]
-    assert result["ok"], result["msg"]
+    assert_interp_case_ok(interp_results, case)
 
 
 # ----------------------------------------------------------------------------- AOT
