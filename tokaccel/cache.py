@@ -150,3 +150,173 @@ def install_selection_layer(cache: Cache, layer_idx: int, pre_rope: bool, rope_s
     layers[layer_idx] = SelectionLayer(pre_rope, rope_scaling)
     logger.debug("cache layer %d: DynamicLayer replaced by %r", layer_idx, layers[layer_idx])
     return layers[layer_idx]
+
+
+# ---------------------------------------------------------------------------------------- eviction
+class EvictionLayer(DynamicLayer):
+    """A cache layer that physically holds at most `budget` tokens per KV head (METHODS.md §2).
+
+    Slots are per (row, KV head): each head keeps its own tokens, so slot j of two heads may hold
+    different positions. Per slot the layer keeps `pos` (the token's index in the padded sequence,
+    long), `valid` (False: left padding or an empty slot) and `score` (the policy's running
+    importance, fp32). Slots are not in time order after a decode step (the evicted slot is reused
+    by the last one), which attention does not care about: keys carry their RoPE positions.
+
+    A call goes `update` (new tokens appended, stored + q slots) -> the policy's attention ->
+    `evict` (back to at most `budget`). `get_seq_length()` counts every token ever seen, so HF
+    positions stay right; `get_mask_sizes(q)` = (stored + q, seen - stored): HF's mask is right for
+    the new tokens' columns only, the policy masks stored slots with `valid` itself.
+    """
+
+    is_croppable = False
+
+    def __init__(self, budget: int | float):
+        super().__init__()
+        self.budget_spec = budget
+        self.budget: int | None = budget if isinstance(budget, int) else None  # a fraction resolves on the prompt
+        self.seen = 0
+        self.stored = 0  # slots held before the current call's new tokens
+        self.row_start: torch.Tensor | None = None  # [B] long: index of each row's first real token
+        self.has_padding = False
+        self.pos = self.valid = self.score = None
+        self._bufs: dict[str, torch.Tensor] | None = None  # name -> [B, Hk, capacity, ...] storage of the slots
+
+    def __repr__(self):
+        return f"EvictionLayer(budget={self.budget_spec}, stored={self.stored}, seen={self.seen})"
+
+    # ---------------------------------------------------------------- HF layer API
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append [B, Hk, q, D] keys/values; returns every slot [B, Hk, stored + q, D] (stored first)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.keys.dim() == 4 and self.keys.shape[-2] != self.stored:
+            raise RuntimeError(f"EvictionLayer: {self.keys.shape[-2] - self.stored} tokens of the previous call "
+                               "were never evicted (the attention of this layer did not run tokaccel's policy)")
+        B, Hk, q = key_states.shape[:3]
+        if self.budget is None:
+            self.budget = max(1, round(self.budget_spec * q))
+        dev = key_states.device
+        new = {"keys": key_states, "values": value_states,
+               "pos": torch.arange(self.seen, self.seen + q, device=dev).expand(B, Hk, q),
+               "valid": torch.ones(B, Hk, q, dtype=torch.bool, device=dev),
+               "score": torch.zeros(B, Hk, q, dtype=torch.float32, device=dev)}
+        n = self.stored
+        if self._bufs is None or self._bufs["keys"].shape[2] < n + q:  # one spare slot: a decode step copies nothing
+            bufs = {name: t.new_empty(*t.shape[:2], n + q + 1, *t.shape[3:]) for name, t in new.items()}
+            if n:
+                for name in bufs:
+                    bufs[name][:, :, :n].copy_(getattr(self, name))
+            self._bufs = bufs
+        for name, t in new.items():
+            self._bufs[name][:, :, n:n + q].copy_(t)
+            setattr(self, name, self._bufs[name][:, :, :n + q])
+        self.seen += q
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.stored + query_length, self.seen - self.stored
+
+    def get_max_length(self) -> int:
+        return -1
+
+    # ---------------------------------------------------------------- called by the policy
+    def admit(self, new_valid: torch.Tensor | None) -> None:
+        """Mark which of the pending new tokens are real: new_valid [B, q] bool (None: all)."""
+        if new_valid is None:
+            if self.row_start is None:
+                self.row_start = torch.zeros(self.keys.shape[0], dtype=torch.long, device=self.keys.device)
+            return
+        q = new_valid.shape[1]
+        self.valid[:, :, -q:] = new_valid[:, None, :]
+        if not bool(new_valid.all()):
+            self.has_padding = True
+        if self.row_start is None:  # first real token of each row (left padding comes first)
+            first = new_valid.int().argmax(dim=1)
+            self.row_start = torch.where(new_valid.any(dim=1), first + self.seen - q, self.seen)
+
+    def evict(self, priority: torch.Tensor) -> int:
+        """Keep the `budget` slots of highest priority ([B, Hk, n] fp32, over every slot) per KV
+        head; invalid slots go first whatever their priority. Returns the real tokens dropped."""
+        n = self.keys.shape[-2]
+        surplus = n - self.budget
+        if surplus <= 0:
+            self.stored = n
+            return 0
+        priority = priority.masked_fill(~self.valid, float("-inf"))
+        if surplus == 1:  # decode: move the last slot into the dropped one, no reallocation
+            drop = priority.argmin(dim=-1, keepdim=True)  # [B, Hk, 1]
+            dropped = int(self.valid.gather(2, drop).sum())
+            for name in ("keys", "values", "pos", "valid", "score"):
+                t = getattr(self, name)
+                last = t[:, :, -1:].clone()
+                index = drop if t.dim() == 3 else drop[..., None].expand(-1, -1, -1, t.shape[-1])
+                t.scatter_(2, index, last)
+                setattr(self, name, t[:, :, :-1])
+        else:
+            keep = priority.topk(self.budget, dim=-1).indices.sort(dim=-1).values  # [B, Hk, budget]
+            dropped = int(self.valid.sum()) - int(self.valid.gather(2, keep).sum())
+            for name in ("keys", "values", "pos", "valid", "score"):
+                t = getattr(self, name)
+                index = keep if t.dim() == 3 else keep[..., None].expand(-1, -1, -1, t.shape[-1])
+                kept = t.gather(2, index)
+                buf = self._bufs[name] = kept.new_empty(*kept.shape[:2], self.budget + 1, *kept.shape[3:])
+                buf[:, :, :self.budget].copy_(kept)
+                setattr(self, name, buf[:, :, :self.budget])
+        self.stored = self.budget
+        return dropped
+
+    def allocated_bytes(self) -> int:
+        """Bytes held by the slot buffers (K, V and the per-slot metadata), the spare slot included."""
+        return sum(t.untyped_storage().nbytes() for t in (self._bufs or {}).values())
+
+    # ---------------------------------------------------------------- edits
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("an eviction cache cannot be cropped: evicted tokens are gone (speculative and "
+                                  "assisted decoding need a cache that keeps every token)")
+
+    def reset(self) -> None:
+        self.__init__(self.budget_spec)
+
+    def _rows(self, fn) -> None:
+        """Apply a batch edit (rows selected, repeated or reordered) to every per-row tensor."""
+        self._bufs = None  # the edited tensors are fresh; the next update reallocates
+        for name in ("keys", "values", "pos", "valid", "score", "row_start"):
+            t = getattr(self, name)
+            if isinstance(t, torch.Tensor) and t.dim() > 0:
+                setattr(self, name, fn(t))
+        if self.keys is not None and self.keys.dim() == 4:
+            self._bufs = {name: getattr(self, name) for name in ("keys", "values", "pos", "valid", "score")}
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._rows(lambda t: t[indices])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+
+def install_eviction_layer(cache: Cache, layer_idx: int, budget: int | float) -> EvictionLayer:
+    """The EvictionLayer at `layer_idx` of `cache`, installed in place of a fresh DynamicLayer
+    (ValueError for a static/quantized/sliding layer or one already filled without the policy)."""
+    layers = cache.layers
+    while len(layers) < layer_idx and cache.layer_class_to_replicate is not None:
+        layers.append(cache.layer_class_to_replicate())
+    if len(layers) == layer_idx:
+        layers.append(EvictionLayer(budget))
+        return layers[layer_idx]
+    layer = layers[layer_idx]
+    if isinstance(layer, EvictionLayer):
+        return layer
+    if type(layer) is not DynamicLayer:
+        raise ValueError(f"cache layer {layer_idx} is a {type(layer).__name__}; KV eviction needs a dynamic cache "
+                         "(DynamicCache, the default of generate())")
+    if layer.get_seq_length() > 0:
+        raise ValueError(f"cache layer {layer_idx} already holds {layer.get_seq_length()} tokens written without "
+                         "tokaccel; patch the model before filling the cache, or start from a new cache")
+    layers[layer_idx] = EvictionLayer(budget)
+    return layers[layer_idx]

@@ -11,9 +11,12 @@ import types
 
 from .base import LayerContext, LayerInfo, Policy
 from .dense import Dense
+from .h2o import H2O
+from .snapkv import SnapKV
+from .streamingllm import StreamingLLM
 from .tokenselect import TokenSelect
 
-REGISTRY: dict[str, type[Policy]] = {cls.name: cls for cls in (Dense, TokenSelect)}
+REGISTRY: dict[str, type[Policy]] = {cls.name: cls for cls in (Dense, TokenSelect, H2O, StreamingLLM, SnapKV)}
 
 
 def available() -> dict[str, str]:
@@ -98,4 +101,4 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["Policy", "LayerInfo", "LayerContext", "Dense", "REGISTRY", "available", "make_policy", "parse_spec", "split_specs"]
+__all__ = ["Policy", "LayerInfo", "LayerContext", "Dense", "H2O", "SnapKV", "StreamingLLM", "REGISTRY", "available", "make_policy", "parse_spec", "split_specs"]
