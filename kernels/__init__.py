@@ -11,6 +11,12 @@ Ops:
     indexed_decode_attention(...)   decode attention over an index set (split-K), compact RoPE fused
     indexed_prefill_attention(...)  causal prefill-chunk attention over an index set, compact RoPE fused
     tree_draft(...), adjacency_update(...)   Token Recycling: draft a static tree; refresh the matrix
+    greedy_select(x [S, N, D], n, k, first, importance=None, lam=0.0) -> [S, K]   DivPrune / MMR picks
+    last_row_attention(q [B, H, D], k [B, Hk, N, D], scale, valid=None) -> [B, N]   FastV's score
+    decode_attention_probs(q [B, H, D], k, v [B, Hk, N, D], scale, key_valid=None, *, backend=None)
+        -> (out [B, H, D], probs [B, Hk, N] fp32)   decode attention + per-KV-head mean probabilities (H2O)
+    attention_column_sums(q [B, H, S, D], k [B, Hk, N, D], scale, *, causal=True, ...) -> [B, Hk, N] fp32
+                                    attention each key receives from S prefill queries (H2O)
 
 Submodules not imported here: ``tokaccel.kernels.aot`` (ahead-of-time compilation
 report), ``tokaccel.kernels.testing`` (tolerances and random inputs for tests).
@@ -29,6 +35,14 @@ from .dispatch import (
     list_ops,
     resolve_backend,
 )
+from .eviction import (
+    attention_column_sums,
+    attention_column_sums_reference,
+    decode_attention_probs,
+    decode_attention_probs_reference,
+)
+from .diversity import farthest_first, greedy_select, greedy_select_reference
+from .last_row import last_row_attention, last_row_attention_reference
 from .grouped_scores import grouped_scores, grouped_scores_reference
 from .indexed_attention import (
     indexed_decode_attention,
@@ -64,4 +78,13 @@ __all__ = [
     "tree_draft_reference",
     "adjacency_update",
     "adjacency_update_reference",
+    "decode_attention_probs",
+    "decode_attention_probs_reference",
+    "attention_column_sums",
+    "attention_column_sums_reference",
+    "greedy_select",
+    "greedy_select_reference",
+    "farthest_first",
+    "last_row_attention",
+    "last_row_attention_reference",
 ]
