@@ -48,6 +48,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, auto (default)")
     p.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill forward (0: whole prompt)")
+    p.add_argument("--question-in-prefill", action="store_true",
+                   help="prefill each whole prompt (context + question) in one go instead of the context once for all "
+                        "its questions: a policy that compresses at prefill (snapkv, h2o) then sees the question")
     p.add_argument("--longbench-dir", default=None, help="folder with LongBench's <dataset>.jsonl files")
     p.add_argument("--infbench-dir", default=None, help="folder with InfiniteBench's <task>.jsonl files")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -56,6 +59,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
     p.add_argument("--report", metavar="DIR", default=None,
                    help="print a task x length table per (model, policy) of the results under DIR and exit")
+    p.add_argument("--by-budget", action="store_true",
+                   help="with --report: tables per share of the prompt kept / read (eviction vs selection at equal "
+                        "budget) and the plot DIR/plots/<model>_accuracy_at_equal_budget.png")
     p.set_defaults(func=run)
 
 
@@ -90,6 +96,13 @@ def run(args) -> int:
         if not results:
             print(f"tokaccel eval: no results under {args.report}", file=sys.stderr)
             return 2
+        if args.by_budget:
+            from .budgets import budget_tables, plot_budgets
+
+            print(budget_tables(results), end="")
+            for path in plot_budgets(args.report):
+                print(f"wrote {path}")
+            return 0
         print(length_tables(results), end="")
         return 0
     from .runner import QUICK, TINY, run_eval, summary_table, write_folder_summary
@@ -113,7 +126,8 @@ def run(args) -> int:
             results += run_eval(model.strip(), policies=policies, tasks=tasks, lengths=lengths, samples=samples, out=out,
                                 seed=args.seed, chat=args.chat, dtype=args.dtype, device=args.device,
                                 prefill_chunk=args.prefill_chunk or None, data_dirs=data_dirs, force=args.force,
-                                progress=not args.no_progress, write_summary=False, threads=args.threads)
+                                progress=not args.no_progress, write_summary=False, threads=args.threads,
+                                reuse_context=not args.question_in_prefill)
     except (ValueError, FileNotFoundError, ImportError, NotImplementedError) as e:
         print(f"tokaccel eval: {e}", file=sys.stderr)
         return 2

@@ -449,6 +449,8 @@ def run_eval(model="smollm2-135m-instruct", policies=("dense",), tasks=("passkey
                 settings = {"task": task.spec or task.name, "params": task.params, "metric": task.metric,
                             "max_new_tokens": task.max_new_tokens, "samples": samples, "seed": seed, "chat": chat,
                             "dtype": dtype_name, "prefill_chunk": prefill_chunk}
+                if not reuse_context:  # (only when set: keeps the folders of earlier results)
+                    settings["reuse_context"] = False
                 for method in methods:
                     folder = result_dir(out, name, task, length, method, settings)
                     if not force and (folder / "metrics.json").exists():

@@ -1,0 +1,99 @@
+"""Accuracy at equal token budget: eviction and selection policies side by side.
+
+A result's *budget fraction* is the share of the prompt its policy keeps or reads per layer and
+step: an eviction policy's `budget` (a fraction, or tokens / prompt length), TokenSelect's
+`n_init + k + n_local` over the prompt length, a kvpress press's 1 - compression_ratio.
+`budget_tables` prints one table per (model, fraction); `plot_budgets` draws accuracy vs length,
+one panel per task, a line per policy (solid: the larger fraction).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .runner import _length_name, collect_results, slug
+
+
+def budget_fraction(result: dict) -> float | None:
+    """The share of the prompt the result's policy keeps (eviction) or reads (selection), rounded
+    to 2 decimals; 1.0 for dense and unpatched runs; None when not known."""
+    policy, config, length = result["policy"], result["config"].get("policy_config") or {}, result["length"]
+    if policy in ("dense", "none"):
+        return 1.0
+    if "budget" in config:
+        budget = config["budget"]
+        return round(budget if isinstance(budget, float) else budget / length, 2)
+    if policy == "tokenselect":
+        return round((config["n_init"] + config["k"] + config["n_local"]) / length, 2)
+    if policy.startswith("kvpress") and config.get("compression_ratio") is not None:
+        return round(1 - config["compression_ratio"], 2)
+    return None
+
+
+def _name(result: dict) -> str:
+    return result["policy"]
+
+
+def budget_tables(results: list[dict]) -> str:
+    """Markdown: per (model, budget fraction) a row per (task, length), a column per policy, with
+    dense's score as the first column."""
+    out = []
+    for model in sorted({r["model"] for r in results}):
+        mine = [r for r in results if r["model"] == model]
+        dense = {(r["task"], r["length"]): r["score"] for r in mine if r["policy"] == "dense"}
+        fractions = sorted({f for r in mine if (f := budget_fraction(r)) not in (None, 1.0)}, reverse=True)
+        for fraction in fractions:
+            rows = [r for r in mine if budget_fraction(r) == fraction]
+            policies = sorted({_name(r) for r in rows})
+            cells = {(r["task"], r["length"], _name(r)): r for r in rows}
+            out.append(f"**{model}, {fraction:.0%} of the prompt kept / read per layer** (score, samples)\n")
+            out.append("| task | length | dense | " + " | ".join(policies) + " |")
+            out.append("|---|---|---:|" + "---:|" * len(policies))
+            for task, length in sorted({(r["task"], r["length"]) for r in rows}):
+                line = [task, _length_name(length), f"{dense[(task, length)]:.1f}" if (task, length) in dense else "-"]
+                for p in policies:
+                    r = cells.get((task, length, p))
+                    line.append(f"{r['score']:.1f} ({r['n_samples']})" if r else "-")
+                out.append("| " + " | ".join(line) + " |")
+            out.append("")
+    return "\n".join(out)
+
+
+def plot_budgets(path, out_dir=None) -> list[Path]:
+    """`<model>_accuracy_at_equal_budget.png` for the results under `path` (into `out_dir`,
+    default `path/plots`)."""
+    from .plots import _figure
+
+    results = collect_results(path)
+    out = Path(out_dir) if out_dir else Path(path) / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for model in sorted({r["model"] for r in results}):
+        mine = [r for r in results if r["model"] == model and budget_fraction(r) is not None]
+        tasks = sorted({r["task"] for r in mine})
+        fractions = sorted({budget_fraction(r) for r in mine} - {1.0}, reverse=True)
+        fig, axes = _figure(len(tasks))
+        colors = {}
+        for ax, task in zip(axes, tasks):
+            for policy in sorted({_name(r) for r in mine if r["task"] == task}):
+                for fraction in ([1.0] if policy == "dense" else fractions):
+                    points = sorted((r["length"], r["score"]) for r in mine if r["task"] == task
+                                    and _name(r) == policy and budget_fraction(r) == fraction)
+                    if not points:
+                        continue
+                    style = "-" if fraction in (1.0, fractions[0]) else "--"
+                    line, = ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o",
+                                    color=colors.get(policy), label=policy if policy == "dense" else f"{policy} {fraction:.0%}")
+                    colors.setdefault(policy, line.get_color())
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(-3, 103)
+            ax.set_title(task)
+            ax.set_xlabel("prompt length (tokens)")
+            ax.set_ylabel("score (0-100)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{model}: accuracy at equal token budget (share of the prompt kept / read)")
+        target = out / f"{slug(model)}_accuracy_at_equal_budget.png"
+        fig.savefig(target, dpi=110)
+        written.append(target)
+    return written
