@@ -57,6 +57,22 @@ def test_bench_spec_smoke(tmp_path, monkeypatch):
     assert "`tokaccel bench spec --model tiny-random-llama" in (tmp_path / "bench_spec.md").read_text()
 
 
+def test_bench_vision_smoke(tmp_path):
+    """Prefill of a small random LLaVA per vision policy and keep ratio: rows with FLOPs that drop
+    with the tokens kept, a table headed by the command."""
+    argv = ["bench", "vision", "--smoke", "--keeps", "1.0,0.25", "--methods", "divprune,fastv", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    rows = read_rows(tmp_path / "bench_vision.csv")
+    by = {(r["method"], float(r["keep"])): r for r in rows}
+    assert set(by) == {("dense", 1.0), ("divprune", 1.0), ("divprune", 0.25), ("fastv", 1.0), ("fastv", 0.25)}
+    assert float(by[("divprune", 1.0)]["flops_ratio"]) == 1.0 and by[("divprune", 0.25)]["image_tokens"] == "9"
+    assert float(by[("divprune", 0.25)]["flops_ratio"]) < float(by[("fastv", 0.25)]["flops_ratio"]) < 1.0
+    assert set(METADATA_COLUMNS) <= set(rows[0])
+    assert "`tokaccel bench vision --keeps 1.0,0.25" in (tmp_path / "bench_vision.md").read_text()
+    with pytest.raises(SystemExit, match="--keeps"):
+        cli.main(["bench", "vision", "--smoke", "--keeps", "0", "--out", str(tmp_path)])
+
+
 def test_spec_prompt_set():
     from tokaccel.bench.spec_prompts import PROMPTS, WARMUP, prompt_set
 

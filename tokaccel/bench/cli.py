@@ -1,9 +1,9 @@
-"""`tokaccel bench ops`, `tokaccel bench e2e` and `tokaccel bench spec`: run a benchmark, append its rows to
-`<out>/bench_ops.csv` / `<out>/bench_e2e.csv` / `<out>/bench_spec.csv`, append a markdown table (headed by the command
-that reproduces it) to `<out>/bench_ops.md` / `<out>/bench_e2e.md`, and print the table.
+"""`tokaccel bench ops | e2e | spec | vision`: run a benchmark, append its rows to `<out>/bench_<name>.csv`,
+append a markdown table (headed by the command that reproduces it) to `<out>/bench_<name>.md`, and print the table.
 
     tokaccel bench ops --shapes smollm2,llama3-8b --n 4K,16K,128K --phases decode
     tokaccel bench e2e --model smollm2 --contexts 1K,4K --batch 1,4 --policies dense --peers prompt_lookup
+    tokaccel bench vision --keeps 1.0,0.5,0.25,0.1 --methods divprune,fastv   # VLM prefill vs image tokens kept
     tokaccel bench ops --smoke          # tiny sizes, 1 repeat: what CI runs
     tokaccel plot results/bench         # PNGs from the CSVs
 """
@@ -112,6 +112,18 @@ def add_commands(subparsers) -> None:
     spec.add_argument("--new-tokens", type=int, default=None, help="max new tokens per prompt (default: 128)")
     _common(spec)
     spec.set_defaults(func=run_spec_command)
+
+    vision = sub.add_parser("vision", help="VLM prefill time and FLOPs vs visual tokens kept (random wide LLaVA)",
+                            description="Prefill of a random LLaVA (768-wide, 6-layer Llama decoder, one 576-token "
+                                        "image + 41 text tokens, batch 1, fp32, CPU) with each pruning policy at "
+                                        "each keep ratio vs the unpatched model; FLOPs = the decoder's matmuls.")
+    vision.add_argument("--keeps", default="1.0,0.5,0.25,0.1", help="keep ratios (default: 1.0,0.5,0.25,0.1)")
+    vision.add_argument("--methods", type=_names, default=None, help="vision policies (default: divprune,fastv)")
+    vision.add_argument("--repeats", type=int, default=None, help="timed prefills per cell, median (default: 3)")
+    vision.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    vision.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default: {DEFAULT_OUT})")
+    vision.add_argument("--smoke", action="store_true", help="a 64-wide 3-layer decoder, 36-token image, 1 repeat")
+    vision.set_defaults(func=run_vision_command)
 
 
 def _set(config, **values):
@@ -223,6 +235,27 @@ def run_spec_command(args) -> int:
                      sorted({(r["prompt"], r["variant"]) for r in different}))
         return 1
     return code
+
+
+def run_vision_command(args) -> int:
+    from ..vision.prefill_bench import run
+    from .results import VISION_CSV, run_metadata
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    keeps = [float(k) for k in args.keeps.split(",") if k.strip()]
+    if not keeps or any(not 0 < k <= 1 for k in keeps):
+        raise SystemExit(f"--keeps: ratios in (0, 1], got {args.keeps!r}")
+    methods = args.methods or ["divprune", "fastv"]
+    repeats = 1 if args.smoke else (args.repeats or 3)
+    shape = dict(hidden=64, layers=3, heads=4, kv_heads=2, patches_side=6) if args.smoke else {}
+    command = _command(args, [("--keeps", keeps), ("--methods", methods), ("--repeats", repeats),
+                              ("--threads", torch.get_num_threads()), ("--smoke", args.smoke), ("--out", args.out)])
+    meta = run_metadata("cpu")
+    rows = [{**meta, **row} for row in run(keeps, methods, repeats, **shape)]
+    columns = ["method", "keep", "image_tokens", "gflops", "flops_ratio", "prefill_s", "speedup"]
+    headers = ["method", "keep", "image tokens", "GFLOPs", "FLOPs ratio", "prefill s", "speedup"]
+    return _finish(rows, Path(args.out), VISION_CSV, command, columns, headers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 OPS_CSV = "bench_ops.csv"
 E2E_CSV = "bench_e2e.csv"
 SPEC_CSV = "bench_spec.csv"
+VISION_CSV = "bench_vision.csv"
 METADATA_COLUMNS = (
     "run_id", "timestamp", "device", "device_name", "threads", "python", "torch", "transformers",
     "triton", "tokaccel", "git_commit", "git_dirty",

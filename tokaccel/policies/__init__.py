@@ -15,8 +15,10 @@ from .h2o import H2O
 from .snapkv import SnapKV
 from .streamingllm import StreamingLLM
 from .tokenselect import TokenSelect
+from ..vision import POLICIES as VISION_POLICIES
 
 REGISTRY: dict[str, type[Policy]] = {cls.name: cls for cls in (Dense, TokenSelect, H2O, StreamingLLM, SnapKV)}
+REGISTRY.update({cls.name: cls for cls in VISION_POLICIES})
 
 
 def available() -> dict[str, str]:

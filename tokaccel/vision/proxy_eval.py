@@ -1,0 +1,215 @@
+"""A proxy accuracy eval for visual-token pruning with a real language model and fake "images".
+
+No VLM weights can be fetched here, so the language model of an embedded real LLM (default
+Gemma-3-270M) is wrapped in an HF `LlavaForConditionalGeneration` (its vision tower is never run)
+and each "image" is handed to `generate` pre-encoded (`mm_encoder_outputs`, the path 5.x uses
+for images anyway). An image is an 8 x 8 grid of 64 patch tokens whose features are the LLM's
+own input embeddings of words: mostly background words (" grass", " sky", " water"), one animal
+word (" cat", " owl", ...), every patch plus Gaussian noise (std = `noise` x the embeddings' std)
+so that background patches are similar, not identical. The prompt asks which animal is in the
+"image"; a sample scores 1 when the answer names it. Pruning keeps `keep` of the 64 tokens
+through the exact hooks a real LLaVA uses.
+
+What it can show: whether a method keeps the one informative token among redundant ones, and
+how that degrades with the budget. What it cannot: real images (spatially correlated patches,
+objects spread over many patches, a vision [CLS]: VTC-CLS and VisionZip are not evaluated here),
+real VLM attention patterns, or any benchmark number.
+
+    python -m tokaccel.vision.proxy_eval [--samples 50] [--keeps 0.05,0.1,0.25,0.5] [--methods "fastv;divprune"]
+
+writes benchmarks/results/vision/<config>/results.json, results.csv and accuracy_vs_keep.png
+(existing cells are reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from .base import VisualPruning, check_keep
+from .runtime import StageInput, keep_count, top_per_span
+
+logger = logging.getLogger(__name__)
+
+ANIMALS = [" cat", " dog", " bird", " fish", " horse", " cow", " sheep", " pig", " duck", " lion", " tiger", " bear",
+           " mouse", " rabbit", " frog", " snake", " goat", " wolf", " fox", " owl"]
+BACKGROUND = [" grass", " sky", " water"]
+PROMPT = "Words:@@\nThe animal in the list of words above is a"
+IMAGE_TOKEN_ID = 10  # an unused special token of both embedded tokenizers; replaced by the features
+DEFAULT_METHODS = ("random", "fastv", "divprune", "mmr", "todre", "todre:late_keep=0")
+
+
+@dataclass
+class RandomKeep(VisualPruning):
+    """Baseline (not registered): keep `keep` random image tokens per image (seeded)."""
+
+    name: ClassVar[str] = "random"
+    description: ClassVar[str] = "random image tokens (baseline)"
+    keep: int | float = 0.25
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_keep(self.name, "keep", self.keep)
+
+    def select(self, stage: int, inp: StageInput) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed)
+        scores = torch.rand(inp.image.shape, generator=g).to(inp.image.device)
+        return top_per_span(scores, inp.span, keep_count(self.keep, inp.span_len))
+
+
+def make_method(name: str, keep: float):
+    """Policy for one method (a name or "name:key=value" spec) at one budget."""
+    if name == "random":
+        return RandomKeep(keep=keep)
+    from ..policies import make_policy
+
+    return make_policy(name, keep=keep)
+
+
+def build_proxy_vlm(model_name: str, loaded=None):
+    """(vlm, tokenizer): the embedded LLM's decoder and head (shared, not copied) inside a
+    LlavaForConditionalGeneration; `loaded` = an already loaded (model, tokenizer)."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from .. import models
+
+    lm, tok = loaded if loaded is not None else models.load(model_name)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=16, patch_size=8)
+    cfg = LlavaConfig(vision_config=vision, text_config=lm.config, image_token_id=IMAGE_TOKEN_ID,
+                      vision_feature_layer=-1)
+    with torch.device("meta"):
+        vlm = LlavaForConditionalGeneration(cfg)
+    vlm.model.language_model = lm.model
+    vlm.lm_head = lm.lm_head
+    # never run: images arrive pre-encoded; materialised only so the model is a normal module
+    vlm.model.vision_tower = vlm.model.vision_tower.to_empty(device="cpu")
+    vlm.model.multi_modal_projector = vlm.model.multi_modal_projector.to_empty(device="cpu")
+    vlm.generation_config = lm.generation_config
+    return vlm.eval(), tok
+
+
+def make_sample(rng: random.Random, tok, embed, n_patches: int, noise: float):
+    """(animal, features [n_patches, H]) of one fake image."""
+    animal = rng.choice(ANIMALS)
+    words = [rng.choice(BACKGROUND) for _ in range(n_patches)]
+    words[rng.randrange(n_patches)] = animal
+    ids = torch.tensor([tok(w, add_special_tokens=False)["input_ids"][0] for w in words])
+    with torch.no_grad():
+        e = embed(ids)
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    return animal.strip(), e + noise * e.std() * torch.randn(e.shape, generator=g)
+
+
+def prompt_ids(tok, n_patches: int) -> torch.Tensor:
+    before, after = PROMPT.split("@@")
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    ids = (bos + tok(before, add_special_tokens=False)["input_ids"] + [IMAGE_TOKEN_ID] * n_patches
+           + tok(after, add_special_tokens=False)["input_ids"])
+    return torch.tensor([ids])
+
+
+def run_cell(vlm, tok, method: str, keep: float, samples: int, n_patches: int, noise: float, seed: int) -> dict:
+    """Accuracy of one (method, keep) over `samples` fake images (the same images for every cell)."""
+    import tokaccel
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    rng = random.Random(seed)
+    ids = prompt_ids(tok, n_patches)
+    policy = None if method == "dense" else make_method(method, keep)
+    if policy is not None:
+        tokaccel.patch_model(vlm, policy=policy)
+    correct, t0 = 0, time.perf_counter()
+    try:
+        for _ in range(samples):
+            animal, feats = make_sample(rng, tok, vlm.get_input_embeddings(), n_patches, noise)
+            with torch.no_grad():
+                out = vlm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                   do_sample=False,
+                                   mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[feats])})
+            answer = tok.decode(out[0, ids.shape[1]:]).lower()
+            correct += bool(re.search(rf"\b{animal}\b", answer))
+        kept = tokaccel.stats(vlm)["vision_image_tokens_kept"] / samples if policy is not None else n_patches
+    finally:
+        if policy is not None:
+            tokaccel.unpatch_model(vlm)
+    return {"method": method, "keep": keep, "kept_tokens_per_image": kept, "accuracy": correct / samples,
+            "samples": samples, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    dense = [r for r in rows if r["method"] == "dense"]
+    for method in sorted({r["method"] for r in rows} - {"dense"}):
+        pts = sorted((r["keep"], r["accuracy"]) for r in rows if r["method"] == method)
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=method)
+    if dense:
+        ax.axhline(100 * dense[0]["accuracy"], color="k", ls="--", label="dense (all 64 tokens)")
+    ax.set_xscale("log")
+    ax.set_xlabel("kept share of image tokens")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="gemma3-270m")
+    p.add_argument("--methods", default=";".join(DEFAULT_METHODS), help="policy names or specs, ;-separated")
+    p.add_argument("--keeps", default="0.05,0.1,0.25,0.5")
+    p.add_argument("--samples", type=int, default=50)
+    p.add_argument("--patches", type=int, default=64)
+    p.add_argument("--noise", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="benchmarks/results/vision")
+    args = p.parse_args(argv)
+    from tqdm import tqdm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder = Path(args.out) / f"proxy_{args.model}_p{args.patches}_noise{args.noise}_n{args.samples}_seed{args.seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    results_path = folder / "results.json"
+    rows = json.loads(results_path.read_text()) if results_path.exists() else []
+    done = {(r["method"], r["keep"]) for r in rows}
+    cells = [("dense", 1.0)] + [(m, float(k)) for m in args.methods.split(";") for k in args.keeps.split(",")]
+    todo = [c for c in cells if c not in done]
+    if todo:
+        vlm, tok = build_proxy_vlm(args.model)
+        for method, keep in tqdm(todo, desc="proxy eval"):
+            rows.append(run_cell(vlm, tok, method, keep, args.samples, args.patches, args.noise, args.seed))
+            results_path.write_text(json.dumps(rows, indent=1))
+    with open(folder / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, folder / "accuracy_vs_keep.png",
+         f"proxy (word-embedding images), {args.model}, {args.patches} patches, noise {args.noise}, "
+         f"{args.samples} samples")
+    for r in rows:
+        logger.info("%s keep=%s: %.3f", r["method"], r["keep"], r["accuracy"])
+    return rows
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main()
