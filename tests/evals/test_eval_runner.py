@@ -127,7 +127,10 @@ def test_kvpress_adapter_wraps_only_the_prefill(smol, tmp_path, monkeypatch):
     import sys
     import types
 
-    entered = []
+    entered, seen = [], []
+
+    def record(module, args, kwargs, output):  # what kvpress 0.5's hooks read from the attention call
+        seen.append((kwargs["past_key_values"] is kwargs["cache"], kwargs["cache_position"].tolist()))
 
     @dataclasses.dataclass
     class KnormPress:
@@ -136,23 +139,34 @@ def test_kvpress_adapter_wraps_only_the_prefill(smol, tmp_path, monkeypatch):
         def __call__(self, model):
             @contextlib.contextmanager
             def applied():
-                entered.append(self.compression_ratio)
+                entered.append((self.compression_ratio, model.config._attn_implementation))
+                handle = model.model.layers[0].self_attn.register_forward_hook(record, with_kwargs=True)
                 yield
+                handle.remove()
 
             return applied()
 
+    class ObservedAttentionPress(KnormPress):
+        pass
+
     fake = types.ModuleType("kvpress")
-    fake.KnormPress = KnormPress
+    fake.KnormPress, fake.ObservedAttentionPress = KnormPress, ObservedAttentionPress
     monkeypatch.setitem(sys.modules, "kvpress", fake)
     with pytest.raises(ValueError, match="unknown kvpress press 'snap'; available: knorm"):
         make_method("kvpress:snap@0.5")
     results = run_eval(smol, policies=["none", "kvpress:knorm_press@0.25"], tasks=["niah_multiquery_sep:max_new_tokens=4"], lengths=[256],
                        samples=1, out=tmp_path, progress=False)
-    assert entered == [0.25]  # one prefill of the shared context, no press while decoding the 4 questions
+    assert entered == [(0.25, "sdpa")]  # one prefill of the shared context, no press while decoding the 4 questions
+    context = list(range(len(seen[0][1])))
+    assert seen == [(True, context)] and len(context) > 200  # kvpress's names added for transformers >= 5.3
     press = results[1]
     assert press["policy"] == "kvpress" and press["policy_label"] == "kvpress:knorm_press@0.25"
     assert press["config"]["policy_config"] == {"press": "KnormPress", "compression_ratio": 0.25}
     assert press["score"] == results[0]["score"]  # an identity press changes nothing
+    model, _ = smol
+    run_eval(smol, policies=["kvpress:observed_attention@0.5"], tasks=["passkey"], lengths=[256], samples=1,
+             out=tmp_path, progress=False)
+    assert entered[-1] == (0.5, "eager") and model.config._attn_implementation == "sdpa"  # restored after
 
 
 def test_kvpress_peer_runs(smol, tmp_path):

@@ -180,7 +180,9 @@ class PeakMemory:
     CUDA: `torch.cuda.max_memory_allocated` minus the allocation at entry. CPU: the process RSS
     sampled every `interval` s in a background thread (psutil when installed, else
     /proc/self/statm), peak minus RSS at entry. `resource.getrusage` is not used: its max RSS is
-    a lifetime high-water mark, so it cannot see a block that stays below an earlier peak.
+    a lifetime high-water mark, so it cannot see a block that stays below an earlier peak. Memory
+    freed earlier but kept by the C allocator is handed back first (glibc `malloc_trim`), else
+    a block that reuses it would show no growth.
     """
 
     def __init__(self, device: str | torch.device = "cpu", interval: float = 0.002):
@@ -197,6 +199,7 @@ class PeakMemory:
             return self
         import threading
 
+        release_freed_memory()
         self._start = self._peak = rss_bytes()
         self._stop = threading.Event()
 
@@ -217,6 +220,17 @@ class PeakMemory:
         self._thread.join()
         self._peak = max(self._peak, rss_bytes())
         self.peak_delta = self._peak - self._start
+
+
+def release_freed_memory() -> None:
+    """Return the C heap's free pages to the OS (glibc's `malloc_trim(0)`; no-op elsewhere)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def rss_bytes() -> int:

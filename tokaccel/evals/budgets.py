@@ -25,13 +25,15 @@ def budget_fraction(result: dict) -> float | None:
         return round(budget if isinstance(budget, float) else budget / length, 2)
     if policy == "tokenselect":
         return round((config["n_init"] + config["k"] + config["n_local"]) / length, 2)
-    if policy.startswith("kvpress") and config.get("compression_ratio") is not None:
+    if policy == "kvpress" and config.get("compression_ratio") is not None:
         return round(1 - config["compression_ratio"], 2)
     return None
 
 
 def _name(result: dict) -> str:
-    return result["policy"]
+    """The policy's column name: kvpress results are named by press ("kvpress:SnapKV")."""
+    press = (result["config"].get("policy_config") or {}).get("press") if result["policy"] == "kvpress" else None
+    return f"kvpress:{press.removesuffix('Press')}" if press else result["policy"]
 
 
 def budget_tables(results: list[dict]) -> str:

@@ -13,6 +13,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import warnings
+
+import torch
+
+
+# Presses whose score reads the attention weights the layer returns (kvpress asserts eager).
+NEEDS_EAGER = {"ObservedAttentionPress"}
 
 
 def kvpress_available() -> bool:
@@ -90,11 +97,51 @@ class KVPressMethod:
         clean = {k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v) for k, v in fields.items()}
         return {"press": type(self.press).__name__, **clean}
 
+    @contextlib.contextmanager
     def session(self, model):
-        return contextlib.nullcontext()
+        """Presses that score from attention probabilities get eager attention for the session."""
+        before = model.config._attn_implementation
+        eager = type(self.press).__name__ in NEEDS_EAGER and before != "eager"
+        if eager:
+            model.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            if eager:
+                model.set_attn_implementation(before)
 
+    @contextlib.contextmanager
     def prefill_context(self, model):
-        return self.press(model)
+        with _past_key_values_alias(model), self.press(model):
+            yield
 
     def stats(self, model) -> dict:
         return {}
+
+
+@contextlib.contextmanager
+def _past_key_values_alias(model):
+    """kvpress (0.5.x, pinned to transformers < 5.3) reads the attention module's
+    `past_key_values` and `cache_position` kwargs; transformers >= 5.3 passes the cache as `cache`
+    and no positions. A forward pre-hook on every `self_attn` adds both (positions of the new
+    tokens after what the layer holds); the attention forward ignores them (it takes **kwargs)."""
+
+    def alias(module, args, kwargs):
+        cache = kwargs.get("cache")
+        if cache is not None and "past_key_values" not in kwargs:
+            kwargs["past_key_values"] = cache
+        if cache is not None and "cache_position" not in kwargs:
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            past = cache.get_seq_length(module.layer_idx)
+            kwargs["cache_position"] = torch.arange(past, past + hidden.shape[1], device=hidden.device)
+        return args, kwargs
+
+    handles = [m.register_forward_pre_hook(alias, with_kwargs=True)
+               for name, m in model.named_modules() if name.endswith("self_attn")]
+    try:
+        with warnings.catch_warnings():  # transformers: "Both `past_key_values` and `cache` are set"
+            warnings.filterwarnings("ignore", message="Both `past_key_values` and `cache`", category=FutureWarning)
+            yield
+    finally:
+        for h in handles:
+            h.remove()
