@@ -253,3 +253,15 @@ def test_registry_defaults_patch_and_unpatch():
         model(**batch)
     assert tokaccel.stats(model)["sparse_calls"] == 1  # only layer 5
     tokaccel.unpatch_model(model)
+
+
+def test_selection_iou_with_the_flat_selection():
+    """IoU 1 while every block fits in m, below 1 once stage 1 has to drop blocks."""
+    from tokaccel.policies.hisa import selection_iou
+
+    q, key, key_valid = _random_selection_inputs(N=400)
+    flat = TokenSelect(k=20, n_init=4, n_local=8)
+    fits = selection_iou(HISA(k=20, n_init=4, n_local=8, block=16, m=25), flat, q, key, key_valid)
+    assert torch.equal(fits, torch.ones(2))
+    dropped = selection_iou(HISA(k=20, n_init=4, n_local=8, block=16, m=4), flat, q, key, key_valid)
+    assert (dropped < 1).all() and (dropped > 0).all()

@@ -97,3 +97,27 @@ class HISA(TokenSelect):
         vote = softmax_head_sum(s, weights, overwrite=True).masked_fill_(~token_valid, NEG_INF)
         picked, picked_valid = top_k(vote, self.k)  # ascending in block order = ascending rows
         return (local_rows + cand.first * T).gather(1, picked), picked_valid
+
+
+def selection_iou(policy: TokenSelect, reference: TokenSelect, q: torch.Tensor, keys: torch.Tensor,
+                  key_valid: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """IoU per row [B] of the candidates two selection policies choose for the same decode step
+    (METHODS.md §1.2: report HISA's IoU with the flat selection beyond m * block): scoring
+    queries q [B, H, D] against cached keys [B, Hk, N, D] (as the policies store them), candidates
+    between the sinks and the local window of `reference`."""
+    from ..stats import Stats
+    from .base import LayerContext, LayerInfo
+    from .tokenselect import _Call
+
+    B, Hk, N, D = keys.shape
+    info = LayerInfo(0, q.shape[1], Hk, D, None, "full_attention")
+    scale = D ** -0.5 if scale is None else scale
+    end = max(N - reference.n_local, 0)
+    sets = []
+    for p in (policy, reference):
+        call = _Call(p, LayerContext(info, p, Stats()), q[:, :, None], keys, keys, key_valid, scale)
+        mid, valid = call._select(q, end)
+        chosen = torch.zeros(B, N + 1, dtype=torch.bool, device=keys.device)
+        sets.append(chosen.scatter_(1, torch.where(valid, mid, N), True)[:, :N])
+    union = (sets[0] | sets[1]).sum(1)
+    return (sets[0] & sets[1]).sum(1) / union.clamp_min(1)
