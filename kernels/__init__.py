@@ -18,6 +18,12 @@ Ops:
     attention_column_sums(q [B, H, S, D], k [B, Hk, N, D], scale, *, causal=True, ...) -> [B, Hk, N] fp32
                                     attention each key receives from S prefill queries (H2O)
 
+    block_summaries(keys [B, Hk, N, D], valid, T, first_block=0) -> (mean, kmax, kmin, count)
+                                    per-block key summaries (HISA / Quest block index)
+    block_bound_scores(q [B, R, D], kmax, kmin, scale) -> [B, R, nb]   Quest's per-block upper bound
+    block_token_scores(q [B, R, D], keys, blocks [B, M], T, scale) -> [B, R, M * T]
+                                    logits of the tokens of chosen blocks only (HISA stage 2)
+
 Submodules not imported here: ``tokaccel.kernels.aot`` (ahead-of-time compilation
 report), ``tokaccel.kernels.testing`` (tolerances and random inputs for tests).
 """
@@ -40,6 +46,14 @@ from .eviction import (
     attention_column_sums_reference,
     decode_attention_probs,
     decode_attention_probs_reference,
+)
+from .block_index import (
+    block_bound_scores,
+    block_bound_scores_reference,
+    block_summaries,
+    block_summaries_reference,
+    block_token_scores,
+    block_token_scores_reference,
 )
 from .diversity import farthest_first, greedy_select, greedy_select_reference
 from .last_row import last_row_attention, last_row_attention_reference
@@ -87,4 +101,10 @@ __all__ = [
     "farthest_first",
     "last_row_attention",
     "last_row_attention_reference",
+    "block_summaries",
+    "block_summaries_reference",
+    "block_bound_scores",
+    "block_bound_scores_reference",
+    "block_token_scores",
+    "block_token_scores_reference",
 ]

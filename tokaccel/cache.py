@@ -10,8 +10,9 @@ builds) for the layers a selection policy runs on; other layers are left alone. 
 * Appends write into a buffer with `GROW` tokens of headroom instead of `torch.cat`, so a decode
   step copies one token, not the whole cache. `keys`/`values` are views of the buffer; if anything
   replaces them (crop, beam reorder, offload) the layer adopts the new tensors.
-* `selection` holds the policy's per-sequence state (the selection cache); any batch or length
-  edit (crop, reorder, reset) drops it.
+* `selection` holds the policy's per-sequence state (the selection cache) and `block_index` a
+  hierarchical policy's per-block key summaries (`tokaccel.blocks.BlockIndex`, small tensors
+  beside K, never a copy of it); any batch or length edit (crop, reorder, reset) drops both.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class SelectionLayer(DynamicLayer):
         self.rope_scaling = rope_scaling
         self.incoming_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) of the next update
         self.selection: Any = None
+        self.block_index: Any = None
         self._kbuf: torch.Tensor | None = None
         self._vbuf: torch.Tensor | None = None
 
@@ -87,24 +89,24 @@ class SelectionLayer(DynamicLayer):
     # Edits that change the batch or the length invalidate the selection state.
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
-        self.selection = None
+        self.selection = self.block_index = None
 
     def reset(self) -> None:
         super().reset()
         self._kbuf = self._vbuf = None
-        self.selection = None
+        self.selection = self.block_index = None
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        self.selection = None
+        self.selection = self.block_index = None
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        self.selection = None
+        self.selection = self.block_index = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        self.selection = None
+        self.selection = self.block_index = None
 
 
 def _append(view: torch.Tensor, buf: torch.Tensor | None, new: torch.Tensor):

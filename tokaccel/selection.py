@@ -36,6 +36,19 @@ def group_queries(q: torch.Tensor, num_kv_heads: int, head_mapping: str = "group
     return q.reshape(B, G, num_kv_heads, *q.shape[2:]).transpose(1, 2).reshape(q.shape)
 
 
+def score_rows(q: torch.Tensor, num_kv_heads: int, head_mapping: str = "group",
+               query_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scoring queries q [B, H, D] or [B, H, w, D] as score rows [B, R = H*w, D] (row h*w + i reads
+    KV head h // G) and their vote weights [B, R] fp32 (0 for a query that query_valid [B, w] marks
+    as padding; None when every query votes)."""
+    B, H = q.shape[:2]
+    rows = group_queries(q, num_kv_heads, head_mapping).reshape(B, -1, q.shape[-1])
+    weights = None
+    if query_valid is not None:
+        weights = query_valid[:, None, :].expand(B, H, -1).reshape(B, -1).float()
+    return rows, weights
+
+
 def soft_vote(
     q: torch.Tensor,
     keys: torch.Tensor,
@@ -54,14 +67,10 @@ def soft_vote(
     from .kernels import grouped_scores  # lazy: keeps `import tokaccel` free of triton
     from .kernels.soft_vote import softmax_head_sum
 
-    B, H = q.shape[:2]
-    qf = group_queries(q, keys.shape[1], head_mapping).reshape(B, -1, q.shape[-1])  # row h*w+i reads h // G
+    qf, weights = score_rows(q, keys.shape[1], head_mapping, query_valid)
     s = grouped_scores(qf.to(keys.dtype), keys, scale)  # [B, H*w, N] fp32
     if valid is not None:
         s.masked_fill_(~valid[:, None], NEG_INF)
-    weights = None
-    if query_valid is not None:
-        weights = query_valid[:, None, :].expand(B, H, -1).reshape(B, -1).float()
     vote = softmax_head_sum(s, weights, overwrite=True)  # [B, N]
     if valid is not None:
         vote.masked_fill_(~valid, NEG_INF)

@@ -73,3 +73,19 @@ def test_sweep_rows_for_every_phase_and_part():
             assert row["speedup"] > 0 and row["bytes_read"] > 0
     failed = [r for r in rows if r["impl"] == "tokenselect:k=512"]
     assert failed and all(r["status"] == "failed" and "fits the budget" in r["reason"] for r in failed)
+
+
+@pytest.mark.parametrize("spec", ["hisa:k=64,n_init=8,n_local=32,block=16,m=6",
+                                  "hisa:k=64,n_init=8,n_local=32,block=16,m=6,block_score=bound",
+                                  "quest:k=64,n_init=8,n_local=32,page=8"])
+def test_hierarchical_scorers_time_their_own_choice(spec):
+    """HISA / Quest decode_miss: "score" is the policy's own choice (no separate top-k), its bytes
+    are what the policy's counters record (fewer than the flat scan of the candidates), and the
+    parts reproduce the step; prefill_chunk is not offered."""
+    flat = selection_setup(_case(SPEC, "decode_miss"))
+    bench = selection_setup(_case(spec, "decode_miss"))
+    torch.testing.assert_close(bench.parts["total"]()[0], bench.parts["attention"]()[:, None], atol=0, rtol=0)
+    assert set(bench.parts) == {"score", "attention", "total"}
+    assert bench.info["scored_blocks"] > 0 and bench.bytes_read["score"] < flat.bytes_read["score"]
+    assert bench.info["keys_read"] <= 8 + 64 + 32
+    assert selection_setup(_case(spec, "prefill_chunk")) is None

@@ -12,6 +12,12 @@ the other parts time its pieces on the same inputs:
   "score", "topk", "attention" (the indexed prefill kernel: gathers the selected rows + the chunk,
   re-rotates in compact mode and attends causally).
 
+HISA and Quest (`--impls hisa,quest`) replace TokenSelect's scorer: their "score" part is the
+policy's whole candidate choice (`choose`: block / page scoring from the block index, HISA's
+token soft vote inside the kept blocks, and their top-k), so they report no separate "topk". The
+block index is built once before timing, as a cache that has seen every token holds it (its
+per-step update, at most one block re-summarised, is not timed).
+
 K/V are the bench's random tensors, taken as the cache a policy stores (pre-RoPE in compact
 mode). The rotary table is the standard RoPE (base 10000) of the shape's head dim.
 """
@@ -91,8 +97,10 @@ def selection_setup(case: OpCase) -> OpBench | None:
         from ..rope import unrotate
 
         q_in = unrotate(q, *ctx.inputs["position_embeddings"], ctx.state.rope.scaling)
-    call = _Call(policy, ctx, q_in, x.k, x.v, None, scale)
+    call = _Call(policy, ctx, q_in, x.k, x.v, None, scale, layer)
     if case.phase == "prefill_chunk":
+        if type(policy).choose is not TokenSelect.choose:
+            return None  # not implemented for HISA / Quest: their miss step is what the issue measures
         return _prefill_bench(case, policy, call, total)
     return _decode_bench(case, policy, call, layer, total)
 
@@ -103,11 +111,10 @@ def _decode_bench(case, policy, call, layer, total) -> OpBench:
     x, n = case.inputs, case.n
     end = n - policy.n_local
     f = call._scoring_query(call.query[:, :, 0])
-    candidates = x.k[:, :, policy.n_init:end]
-    vote = policy.vote(f, candidates, call.scale, None)
-    mid, mid_valid = top_k(vote, policy.k, policy.pool)
-    idx, valid = assemble(call.first, policy.n_init, mid + policy.n_init, mid_valid,
-                          torch.full_like(call.first, end), n, None)
+    score, mid, mid_valid, score_info = _scoring(case, policy, call, f, end)
+    vote_bytes = score_info.pop("vote_bytes", None)
+    own_score_bytes, own_score_flops = score_info.pop("score_bytes", None), score_info.pop("score_flops", None)
+    idx, valid = assemble(call.first, policy.n_init, mid, mid_valid, torch.full_like(call.first, end), n, None)
     L = idx.shape[1]
     cos, sin = call.ctx.state.rope(L, idx.device, torch.float32) if policy.compact else (None, None)
     start = L - valid.sum(1)
@@ -130,13 +137,42 @@ def _decode_bench(case, policy, call, layer, total) -> OpBench:
             layer.selection = None
             return total()
 
-        parts.update(score=lambda: policy.vote(f, candidates, call.scale, None),
-                     topk=lambda: top_k(vote, policy.k, policy.pool), total=miss)
-        bytes_read.update(score=score_bytes, topk=vote.numel() * 4, total=score_bytes + read_bytes)
-        flops.update(score=2 * B * H * (end - policy.n_init) * D)
+        parts.update(score, total=miss)
+        if own_score_bytes is not None:
+            score_bytes = own_score_bytes + q_bytes
+        bytes_read.update(score=score_bytes, total=score_bytes + read_bytes)
+        if "topk" in parts:
+            bytes_read["topk"] = vote_bytes
+        flops.update(score=own_score_flops or 2 * B * H * (end - policy.n_init) * D)
         flops["total"] = flops["score"] + flops["attention"]
     return OpBench(parts=parts, bytes_read=bytes_read, flops=flops,
-                   info={"k": policy.k, "keys_read": L, "candidates": end - policy.n_init})
+                   info={"k": policy.k, "keys_read": L, "candidates": end - policy.n_init, **score_info})
+
+
+def _scoring(case, policy, call, f, end):
+    """The timed scoring parts of a miss for scoring queries f, and its result:
+    (parts, mid [B, k'] absolute rows, mid_valid, info). TokenSelect: "score" (the soft vote) and
+    "topk"; a subclass with its own scorer (HISA, Quest): "score" = its `choose`, with the bytes
+    and flops its stats counters record (block summaries + keys scored)."""
+    start = policy.n_init
+    if type(policy).choose is TokenSelect.choose:
+        candidates = case.inputs.k[:, :, start:end]
+        vote = policy.vote(f, candidates, call.scale, None)
+        mid, mid_valid = top_k(vote, policy.k, policy.pool)
+        parts = {"score": lambda: policy.vote(f, candidates, call.scale, None),
+                 "topk": lambda: top_k(vote, policy.k, policy.pool)}
+        return parts, mid + start, mid_valid, {"vote_bytes": vote.numel() * 4}
+    policy.choose(call, f, start, end, None)  # builds the block index on the layer
+    before = Stats(call.ctx.stats)
+    mid, mid_valid = policy.choose(call, f, start, end, None)
+    used = Stats(call.ctx.stats)
+    used.subtract(before)
+    B, H, D = case.batch, case.shape.num_heads, case.shape.head_dim
+    rows_per_block = 2 if getattr(policy, "block_score", "bound") == "bound" else 1  # max and min vs mean
+    flops = 2 * H * D * (used["scored_keys"] + rows_per_block * used["scored_blocks"])
+    info = {"score_bytes": used["kv_bytes_read"], "score_flops": flops,
+            "scored_keys": used["scored_keys"] // B, "scored_blocks": used["scored_blocks"] // B}
+    return {"score": lambda: policy.choose(call, f, start, end, None)}, mid, mid_valid, info
 
 
 def _prefill_bench(case, policy, call, total) -> OpBench:
@@ -177,3 +213,5 @@ def _prefill_bench(case, policy, call, total) -> OpBench:
 
 
 register_op_bench("tokenselect", selection_setup, "TokenSelect (METHODS 1.1): decode hit / miss, prefill chunk")
+register_op_bench("hisa", selection_setup, "HISA (METHODS 1.2): block-then-token scoring; decode hit / miss")
+register_op_bench("quest", selection_setup, "Quest (METHODS 1.4): page upper-bound scoring; decode hit / miss")

@@ -97,7 +97,7 @@ class TokenSelect(Policy):
         def integer(name, low):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"tokenselect: {name}={value!r} is not valid; expected an integer >= {low}")
+                raise ValueError(f"{self.name}: {name}={value!r} is not valid; expected an integer >= {low}")
 
         integer("k", 1)
         integer("n_init", 0)
@@ -105,18 +105,18 @@ class TokenSelect(Policy):
         integer("chunk", 1)
         integer("tail", 0)
         if isinstance(self.theta, bool) or not isinstance(self.theta, (int, float)) or not 0 <= self.theta <= 1:
-            raise ValueError(f"tokenselect: theta={self.theta!r} is not valid; expected a number in [0, 1]")
+            raise ValueError(f"{self.name}: theta={self.theta!r} is not valid; expected a number in [0, 1]")
         if self.pool is not None and (isinstance(self.pool, bool) or not isinstance(self.pool, int)
                                       or self.pool < 1 or self.pool % 2 == 0):
-            raise ValueError(f"tokenselect: pool={self.pool!r} is not valid; expected None or an odd integer >= 1")
+            raise ValueError(f"{self.name}: pool={self.pool!r} is not valid; expected None or an odd integer >= 1")
         if self.position_mode not in POSITION_MODES:
-            raise ValueError(f"tokenselect: position_mode={self.position_mode!r} is not valid; "
+            raise ValueError(f"{self.name}: position_mode={self.position_mode!r} is not valid; "
                              f"choose one of {POSITION_MODES}")
         if self.head_mapping not in HEAD_MAPPINGS:
-            raise ValueError(f"tokenselect: head_mapping={self.head_mapping!r} is not valid; "
+            raise ValueError(f"{self.name}: head_mapping={self.head_mapping!r} is not valid; "
                              f"choose one of {HEAD_MAPPINGS}")
         if not isinstance(self.dense_fallback, bool):
-            raise ValueError(f"tokenselect: dense_fallback={self.dense_fallback!r} is not valid; expected a bool")
+            raise ValueError(f"{self.name}: dense_fallback={self.dense_fallback!r} is not valid; expected a bool")
 
     @property
     def budget(self) -> int:
@@ -143,7 +143,7 @@ class TokenSelect(Policy):
                 rotary = find_rotary_embedding(model, module.config)
                 if rotary is None:
                     raise NotImplementedError(
-                        f"tokenselect: position_mode='compact' needs the model's rotary embedding module "
+                        f"{self.name}: position_mode='compact' needs the model's rotary embedding module "
                         f"(a *RotaryEmbedding); none found in {type(model).__name__}. Use position_mode='original'")
                 layer_type = ctx.info.layer_type
                 ctx.state.rope = tables.setdefault(layer_type, RopeTable(rotary, layer_type))
@@ -163,7 +163,7 @@ class TokenSelect(Policy):
             layer = install_selection_layer(cache, layer_idx, self.compact, scaling)
             if self.compact:
                 if kwargs.get("position_embeddings") is None:
-                    raise NotImplementedError(f"tokenselect: {type(module).__name__} is called without "
+                    raise NotImplementedError(f"{self.name}: {type(module).__name__} is called without "
                                               "position_embeddings (cos, sin); use position_mode='original'")
                 layer.incoming_rope = kwargs["position_embeddings"]
 
@@ -176,7 +176,7 @@ class TokenSelect(Policy):
             return dense_with_stats(ctx, module, query, key, value, attention_mask, **kwargs)
         for unsupported in ("softcap", "s_aux"):
             if kwargs.get(unsupported) is not None:
-                raise NotImplementedError(f"tokenselect: attention with {unsupported} is not supported")
+                raise NotImplementedError(f"{self.name}: attention with {unsupported} is not supported")
         cache = ctx.inputs.get("cache")
         idx = ctx.info.layer_idx
         layer = cache.layers[idx] if cache is not None and idx < len(cache.layers) else None
@@ -198,7 +198,7 @@ class TokenSelect(Policy):
             return dense_with_stats(ctx, module, query, key, value, attention_mask, **kwargs)
         scale = kwargs.get("scaling")
         scale = float(scale if scale is not None else getattr(module, "scaling", D ** -0.5))
-        call = _Call(self, ctx, q_pre if self.compact else query, key, value, _key_valid(attention_mask, N), scale)
+        call = _Call(self, ctx, q_pre if self.compact else query, key, value, _key_valid(attention_mask, N), scale, layer)
         ctx.stats["sparse_calls"] += 1
         if S == 1:
             return call.decode(layer), None
@@ -215,9 +215,9 @@ class TokenSelect(Policy):
         S, N = query.shape[2], key.shape[2]
         P = N - S
         if attention_mask is not None and not bool(attention_mask[0, 0, 0, :P].all()):
-            raise NotImplementedError("tokenselect: tree verification with padding in the prompt is not supported")
+            raise NotImplementedError(f"{self.name}: tree verification with padding in the prompt is not supported")
         if self.n_local <= len(tree.levels):
-            raise NotImplementedError(f"tokenselect: tree verification needs n_local > the tree depth "
+            raise NotImplementedError(f"{self.name}: tree verification needs n_local > the tree depth "
                                       f"({len(tree.levels)}), got n_local={self.n_local}")
         depth = tree.depth.to(query.device)
         if self.dense_fallback and P + len(tree.levels) + 1 <= self.budget:  # every node dense: one call
@@ -230,7 +230,7 @@ class TokenSelect(Policy):
             return dense_with_stats(ctx, module, query, key, value, attention_mask, **kwargs)
         scale = kwargs.get("scaling")
         scale = float(scale if scale is not None else getattr(module, "scaling", query.shape[3] ** -0.5))
-        call = _Call(self, ctx, q_pre if self.compact else query, key, value, None, scale)
+        call = _Call(self, ctx, q_pre if self.compact else query, key, value, None, scale, layer)
         ctx.stats["sparse_calls"] += 1
         out, ctx.state.tree_states = call.decode_tree(layer.selection if layer is not None else None, tree)
         return out, None
@@ -247,9 +247,21 @@ class TokenSelect(Policy):
                 layer.selection = ctx.state.tree_states[path[-1]]
             ctx.state.tree_states = None
 
+    def choose(self, call: "_Call", q: torch.Tensor, start: int, end: int, valid, query_valid=None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scorer: the <= k candidates among cache rows [start, end) that the selector adds to the
+        sinks and the local window. q [B, H, D] or [B, H, w, D] scoring queries (w queries per head,
+        query_valid [B, w]); valid [B, end - start] bool or None (all candidates). Returns
+        (mid [B, k'] absolute rows sorted ascending, mid_valid [B, k']). TokenSelect scores every
+        candidate with the soft vote; other selection policies (HISA, Quest) override this method
+        and reuse everything around it (sinks, local window, selection cache, sparse reads)."""
+        vote = self.vote(q, call.key[:, :, start:end], call.scale, valid, query_valid)
+        call.count_scored(end - start)
+        mid, mid_valid = top_k(vote, self.k, self.pool)
+        return mid + start, mid_valid
+
     def vote(self, q: torch.Tensor, keys: torch.Tensor, scale: float, valid, query_valid=None) -> torch.Tensor:
-        """The scorer: [B, Nc] votes of q [B, H, D] or [B, H, w, D] for candidate keys [B, Hk, Nc, D].
-        Subclasses (other scorers) override this; the selector around it stays the same."""
+        """Soft votes [B, Nc] of q [B, H, D] or [B, H, w, D] for candidate keys [B, Hk, Nc, D]."""
         return soft_vote(q, keys, scale, valid, self.head_mapping, query_valid)
 
 
@@ -267,8 +279,8 @@ class _Call:
     un-rotated in compact mode (as HF rotated them in original mode), value [B, Hk, N, D],
     key_valid [B, N] or None."""
 
-    def __init__(self, policy: TokenSelect, ctx: LayerContext, query, key, value, key_valid, scale):
-        self.p, self.ctx = policy, ctx
+    def __init__(self, policy: TokenSelect, ctx: LayerContext, query, key, value, key_valid, scale, layer=None):
+        self.p, self.ctx, self.layer = policy, ctx, layer  # layer: the SelectionLayer, None without a cache
         self.query, self.key, self.value = query, key, value
         self.key_valid, self.scale = key_valid, scale
         B = query.shape[0]
@@ -297,12 +309,13 @@ class _Call:
         if self.key_valid is not None:
             pos = torch.arange(start, end, device=device)
             valid = self.key_valid[:, start:end] & (pos >= (self.first + self.p.n_init)[:, None])
-        vote = self.p.vote(q, self.key[:, :, start:end], self.scale, valid, query_valid)
-        self.ctx.stats["scored_keys"] += B * (end - start)
-        self.ctx.stats["kv_bytes_read"] += B * (end - start) * self.key.shape[1] * self.key.shape[3] * \
+        return self.p.choose(self, q, start, end, valid, query_valid)
+
+    def count_scored(self, tokens: int) -> None:
+        """Account `tokens` keys read (per batch row) to score candidates."""
+        self.ctx.stats["scored_keys"] += self.query.shape[0] * tokens
+        self.ctx.stats["kv_bytes_read"] += self.query.shape[0] * tokens * self.key.shape[1] * self.key.shape[3] * \
             self.key.element_size()
-        mid, mid_valid = top_k(vote, self.p.k, self.p.pool)
-        return mid + start, mid_valid
 
     def _read(self, rows: torch.Tensor | int, q: torch.Tensor, col_valid: torch.Tensor | None) -> torch.Tensor:
         """Attention of q [B, H, S, D], the last S of L positions, over the cached rows idx [B, L]

@@ -1,0 +1,101 @@
+"""Quest (arXiv 2406.10774): query-aware page selection by an upper bound (METHODS.md §1.4).
+
+The cache is cut into pages of `page` tokens; per page and KV head the elementwise max and min
+key are kept beside the cache (`tokaccel.blocks.BlockIndex`, updated as tokens are appended).
+A query's bound for a page, scale * sum_d max(q_d max_d, q_d min_d), is >= every logit of the
+page. The best pages are read whole while their candidate tokens add up to at most `k`.
+
+Differences from the paper, and why:
+* one index set per layer for all heads (as every tokaccel selection policy: one gather serves
+  GQA); per-head bounds are combined by `head_vote`: "max" (default: the bound over all heads,
+  so a page any head may need is kept) or "soft" (TokenSelect's soft vote of the bounds).
+* sinks (`n_init`) and a local window (`n_local`) are always read, and the pages next to them
+  are always kept, so `k` means what it means for TokenSelect.
+* `theta` defaults to 1.0 (a new selection at every decode step, as in the paper); the
+  selection cache is available with a lower theta.
+Everything else is TokenSelect's machinery (chunked prefill, sparse reads, positions, dense
+fallback); this class only replaces the scorer (`choose`). Layers 0-1 stay dense
+(`dense_layers`), as in the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..blocks import CandidateBlocks, count_block_reads, layer_block_index
+from ..selection import NEG_INF, score_rows, top_k
+from .base import LayerInfo
+from .tokenselect import TokenSelect
+
+HEAD_VOTES = ("max", "soft")
+
+
+@dataclass
+class Quest(TokenSelect):
+    """Page-level selection by Quest's upper bound. Defaults: the paper's for pages and layers;
+    TokenSelect's for n_init, n_local, chunk, tail.
+
+    page: tokens per page (16).
+    dense_layers: the first layers, which stay dense (2).
+    head_vote: "max" or "soft", how per-head page bounds become one page score (see above).
+    theta: selection-cache threshold (1.0: select at every step, as the paper).
+    position_mode: "original" (Quest keeps positions) or "compact".
+    Other options: see TokenSelect (`pool` is not supported: pages are read whole).
+    """
+
+    name: ClassVar[str] = "quest"
+    description: ClassVar[str] = "Quest: top pages by a per-page max/min upper bound of q.k"
+    verifies_trees: ClassVar[bool] = False  # the page index does not follow a draft tree's compaction
+
+    theta: float = 1.0
+    position_mode: str = "original"
+    page: int = 16
+    dense_layers: int = 2
+    head_vote: str = "max"
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.page, bool) or not isinstance(self.page, int) or self.page < 1:
+            raise ValueError(f"quest: page={self.page!r} is not valid; expected an integer >= 1")
+        if isinstance(self.dense_layers, bool) or not isinstance(self.dense_layers, int) or self.dense_layers < 0:
+            raise ValueError(f"quest: dense_layers={self.dense_layers!r} is not valid; expected an integer >= 0")
+        if self.head_vote not in HEAD_VOTES:
+            raise ValueError(f"quest: head_vote={self.head_vote!r} is not valid; choose one of {HEAD_VOTES}")
+        if self.pool is not None:
+            raise ValueError(f"quest: pool={self.pool!r} is not valid; expected None (pages are read whole)")
+
+    def applies_to(self, layer: LayerInfo) -> bool:
+        return layer.layer_idx >= self.dense_layers and super().applies_to(layer)
+
+    def choose(self, call, q, start, end, valid, query_valid=None):
+        """Pages of [start, end) by bound, best first, while their candidates total <= k; see
+        TokenSelect.choose."""
+        from ..kernels import block_bound_scores
+        from ..kernels.soft_vote import softmax_head_sum
+
+        B, T = q.shape[0], self.page
+        index = layer_block_index(call, T, with_mean=False, with_bounds=True)
+        cand = CandidateBlocks(start, end, valid, T, B, q.device)
+        rows, weights = score_rows(q, call.key.shape[1], self.head_mapping, query_valid)
+        span = slice(cand.first, cand.first + cand.n)
+        bound = block_bound_scores(rows, index.kmax[:, :, span], index.kmin[:, :, span], call.scale)  # [B, R, n]
+        count_block_reads(call, cand.n, 2 * call.key.shape[3] * index.kmax.element_size())
+        empty = cand.count == 0
+        if self.head_vote == "max":
+            if weights is not None:
+                bound.masked_fill_(weights[:, :, None] == 0, NEG_INF)
+            score = bound.amax(1)
+        else:
+            score = softmax_head_sum(bound.masked_fill_(empty[:, None], NEG_INF), weights, overwrite=True)
+        score = score.masked_fill(empty, NEG_INF).masked_fill(cand.forced, float("inf"))
+
+        order = score.argsort(dim=1, descending=True)
+        fits = (cand.count.gather(1, order).cumsum(1) <= self.k) & (score.gather(1, order) > NEG_INF)
+        chosen = torch.zeros_like(fits).scatter_(1, order, fits)  # [B, n] pages read whole
+        tokens = chosen.repeat_interleave(T, 1) & cand.token_valid  # [B, n * T]
+        flag = torch.zeros(tokens.shape, device=q.device).masked_fill_(~tokens, NEG_INF)
+        picked, picked_valid = top_k(flag, self.k)  # every chosen token: they number <= k
+        return picked + cand.first * T, picked_valid
