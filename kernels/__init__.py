@@ -23,6 +23,8 @@ Ops:
     block_bound_scores(q [B, R, D], kmax, kmin, scale) -> [B, R, nb]   Quest's per-block upper bound
     block_token_scores(q [B, R, D], keys, blocks [B, M], T, scale) -> [B, R, M * T]
                                     logits of the tokens of chosen blocks only (HISA stage 2)
+    fc_scores(q [B, R, D], keys_dom [B, Hk, N, d], dims [Hk, d], scale) -> [B, R, N]
+                                    logits over each head's dominant dims only (FASA scoring)
 
 Submodules not imported here: ``tokaccel.kernels.aot`` (ahead-of-time compilation
 report), ``tokaccel.kernels.testing`` (tolerances and random inputs for tests).
@@ -55,6 +57,7 @@ from .block_index import (
     block_token_scores,
     block_token_scores_reference,
 )
+from .fc_scores import fc_scores, fc_scores_reference
 from .diversity import farthest_first, greedy_select, greedy_select_reference
 from .last_row import last_row_attention, last_row_attention_reference
 from .grouped_scores import grouped_scores, grouped_scores_reference
@@ -107,4 +110,6 @@ __all__ = [
     "block_bound_scores_reference",
     "block_token_scores",
     "block_token_scores_reference",
+    "fc_scores",
+    "fc_scores_reference",
 ]

@@ -12,7 +12,9 @@ builds) for the layers a selection policy runs on; other layers are left alone. 
   replaces them (crop, beam reorder, offload) the layer adopts the new tensors.
 * `selection` holds the policy's per-sequence state (the selection cache) and `block_index` a
   hierarchical policy's per-block key summaries (`tokaccel.blocks.BlockIndex`, small tensors
-  beside K, never a copy of it); any batch or length edit (crop, reorder, reset) drops both.
+  beside K, never a copy of it); `dominant_keys` FASA's copy of each head's dominant key dims
+  (`tokaccel.policies.fasa.DominantKeys`, d/D of K: +25% of K at FASA's default); any batch or
+  length edit (crop, reorder, reset) drops all three.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class SelectionLayer(DynamicLayer):
         self.incoming_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) of the next update
         self.selection: Any = None
         self.block_index: Any = None
+        self.dominant_keys: Any = None
         self._kbuf: torch.Tensor | None = None
         self._vbuf: torch.Tensor | None = None
 
@@ -89,24 +92,24 @@ class SelectionLayer(DynamicLayer):
     # Edits that change the batch or the length invalidate the selection state.
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
-        self.selection = self.block_index = None
+        self.selection = self.block_index = self.dominant_keys = None
 
     def reset(self) -> None:
         super().reset()
         self._kbuf = self._vbuf = None
-        self.selection = self.block_index = None
+        self.selection = self.block_index = self.dominant_keys = None
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        self.selection = self.block_index = None
+        self.selection = self.block_index = self.dominant_keys = None
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        self.selection = self.block_index = None
+        self.selection = self.block_index = self.dominant_keys = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        self.selection = self.block_index = None
+        self.selection = self.block_index = self.dominant_keys = None
 
 
 def _append(view: torch.Tensor, buf: torch.Tensor | None, new: torch.Tensor):

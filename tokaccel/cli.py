@@ -1,4 +1,4 @@
-"""The `tokaccel` command: demo | eval | bench | plot | policies."""
+"""The `tokaccel` command: demo | eval | bench | calibrate | plot | policies."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 # Subcommand providers: each module has `add_commands(subparsers)`; a command stores its handler
 # in `func`. Imported only when the CLI runs, so `import tokaccel` stays light.
-COMMAND_MODULES = ("tokaccel.demo", "tokaccel.evals.cli", "tokaccel.bench.cli")
+COMMAND_MODULES = ("tokaccel.demo", "tokaccel.evals.cli", "tokaccel.bench.cli", "tokaccel.calibrate")
 
 
 def _plot(args) -> int:

@@ -11,6 +11,7 @@ import types
 
 from .base import LayerContext, LayerInfo, Policy
 from .dense import Dense
+from .fasa import FASA
 from .h2o import H2O
 from .hisa import HISA
 from .quest import Quest
@@ -19,7 +20,7 @@ from .streamingllm import StreamingLLM
 from .tokenselect import TokenSelect
 from ..vision import POLICIES as VISION_POLICIES
 
-REGISTRY: dict[str, type[Policy]] = {cls.name: cls for cls in (Dense, TokenSelect, HISA, Quest, H2O, StreamingLLM, SnapKV)}
+REGISTRY: dict[str, type[Policy]] = {cls.name: cls for cls in (Dense, TokenSelect, HISA, Quest, FASA, H2O, StreamingLLM, SnapKV)}
 REGISTRY.update({cls.name: cls for cls in VISION_POLICIES})
 
 
@@ -105,4 +106,4 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["Policy", "LayerInfo", "LayerContext", "Dense", "TokenSelect", "HISA", "Quest", "H2O", "SnapKV", "StreamingLLM", "REGISTRY", "available", "make_policy", "parse_spec", "split_specs"]
+__all__ = ["Policy", "LayerInfo", "LayerContext", "Dense", "TokenSelect", "HISA", "Quest", "FASA", "H2O", "SnapKV", "StreamingLLM", "REGISTRY", "available", "make_policy", "parse_spec", "split_specs"]

@@ -1,0 +1,182 @@
+"""FASA: calibration (well-formed, pairing), exactness vs dense, equality with flat TokenSelect
+when every frequency chunk is used, the dominant-dim key copy, errors and registry."""
+
+import functools
+import json
+
+import pytest
+import torch
+
+import tokaccel
+from tokaccel.cache import SelectionLayer
+from tokaccel.calibrate import calibrate_fasa, fc_dims, fc_overlap, save_calibration
+from tokaccel.policies import FASA, TokenSelect
+from tokaccel.policies.fasa import DominantKeys
+
+from .conftest import tiny_model
+from .test_tokenselect import _batch, _run
+
+SMALL = dict(n_init=4, n_local=8, chunk=16)
+D = 16  # head dim of the tiny models: hidden 64 / 4 heads; D/2 = 8 FCs
+
+
+@functools.lru_cache(maxsize=None)
+def _calibration(pairing="hf", **overrides):
+    """Calibration dict of the tiny Llama on two random 64-token samples."""
+    model = tiny_model("llama", **dict(overrides))
+    g = torch.Generator().manual_seed(5)
+    samples = [torch.randint(1, 128, (1, 64), generator=g) for _ in range(2)]
+    return calibrate_fasa(model, samples, top_k=8, queries=8, pairing=pairing)
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_reference():
+    model, batch = tiny_model("llama"), _batch()
+    return model, batch, _run(model, batch, steps=4)[:3]
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def test_calibration_of_a_tiny_model_is_well_formed(tmp_path):
+    cal = _calibration()
+    assert (cal["num_layers"], cal["num_kv_heads"], cal["head_dim"], cal["n_fc"], cal["pairing"]) == (2, 2, D, 2, "hf")
+    assert len(cal["dominant_fcs"]) == 2 and all(len(layer) == 2 for layer in cal["dominant_fcs"])
+    for layer, overlaps in zip(cal["dominant_fcs"], cal["overlap"]):
+        for fcs, row in zip(layer, overlaps):
+            assert fcs == sorted(set(fcs)) and len(fcs) == 2 and all(0 <= f < D // 2 for f in fcs)
+            assert all(0.0 <= v <= 1.0 for v in row) and len(row) == D // 2
+            assert min(row[f] for f in fcs) >= max(v for f, v in enumerate(row) if f not in fcs)
+    assert 0.0 < cal["chosen_overlap_mean"] <= 1.0
+    path = save_calibration(cal, tmp_path / "cal.json")
+    assert json.loads(path.read_text())["dominant_fcs"] == cal["dominant_fcs"]
+
+
+def test_hf_pairing_is_i_and_i_plus_half_and_interleaved_is_adjacent():
+    assert fc_dims([1, 3], 16, "hf") == [1, 3, 9, 11]
+    assert fc_dims([1, 3], 16, "interleaved") == [2, 3, 6, 7]
+
+
+def test_pairing_choice_changes_the_dominant_dims():
+    """Scores carried only by dims 1 and 1 + D/2 (HF's FC 1): HF pairing finds that chunk alone
+    agrees with the full score; the interleaved pairing splits those dims into FCs 0 and 4."""
+    g = torch.Generator().manual_seed(0)
+    N, H = 64, 2
+    q, k = 0.01 * torch.randn(H, N, D, generator=g), 0.01 * torch.randn(1, N, D, generator=g)
+    for dim in (1, 1 + D // 2):
+        q[:, :, dim] = torch.randn(H, N, generator=g) + 2
+        k[:, :, dim] = torch.randn(1, N, generator=g)
+    positions = torch.arange(40, 64, 4)
+    hf = fc_overlap(q, k, positions, 8, "hf")[0]
+    interleaved = fc_overlap(q, k, positions, 8, "interleaved")[0]
+    assert int(hf.argmax()) == 1 and hf[1] > 0.9
+    assert float(interleaved.max()) < float(hf[1])
+    best = int(interleaved.argmax())
+    assert fc_dims([1], D, "hf") == [1, 9] and set(fc_dims([best], D, "interleaved")) != {1, 9}
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("mode,dense_fallback", [("compact", True), ("compact", False), ("original", False)])
+def test_exact_when_budget_covers_context(mode, dense_fallback):
+    """k + n_init + n_local >= context: logits equal dense (fp32, 1e-4), prefill and decode, batch 2
+    with left padding; dense_fallback=False runs the partial-dim scorer and its key copy."""
+    model, batch, (ref_prefill, ref_steps, ref_tokens) = _dense_reference()
+    policy = FASA(k=40, position_mode=mode, dense_fallback=dense_fallback, calibration=_calibration(), **SMALL)
+    with tokaccel.patched(model, policy):
+        prefill, steps, tokens, cache = _run(model, batch, steps=4)
+        counters = tokaccel.stats(model)
+    real = batch["attention_mask"].bool()
+    assert (prefill - ref_prefill)[real].abs().max() <= 1e-4
+    assert (steps - ref_steps).abs().max() <= 1e-4
+    assert torch.equal(tokens, ref_tokens)
+    assert isinstance(cache.layers[1], SelectionLayer) and not isinstance(cache.layers[0], SelectionLayer)
+    assert (counters.get("scored_keys", 0) > 0) == (not dense_fallback)
+    if not dense_fallback:
+        store = cache.layers[1].dominant_keys
+        assert store.keys.shape == (2, 2, cache.layers[1].get_seq_length(), 4)
+
+
+@pytest.mark.parametrize("mode", ["compact", "original"])
+def test_all_chunks_equal_flat_tokenselect(mode):
+    """n_fc = D/2 scores with every dim: the same selections, hence the same logits, as TokenSelect
+    with a budget far below the context (k=6 of 49+ tokens)."""
+    model, batch = tiny_model("llama"), _batch()
+    small = dict(k=6, position_mode=mode, theta=0.95, **SMALL)
+    outputs = []
+    for policy in (TokenSelect(**small), FASA(n_fc=D // 2, dense_layers=0, calibration=_calibration(), **small)):
+        with tokaccel.patched(model, policy):
+            prefill, steps, tokens, _ = _run(model, batch, steps=4)
+            outputs.append((prefill, steps, tokens, tokaccel.stats(model)))
+    (p0, s0, t0, c0), (p1, s1, t1, c1) = outputs
+    assert c0["sparse_calls"] > 0 and c0["selection_misses"] == c1["selection_misses"]
+    torch.testing.assert_close(p1, p0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(s1, s0, rtol=0, atol=1e-5)
+    assert torch.equal(t1, t0)
+
+
+def test_partial_scoring_reads_a_quarter_of_the_key_bytes():
+    model, batch = tiny_model("llama"), _batch()
+    counters = []
+    for policy in (TokenSelect(k=6, **SMALL), FASA(k=6, dense_layers=0, calibration=_calibration(), **SMALL)):
+        with tokaccel.patched(model, policy):
+            _run(model, batch, steps=2, forward=False)
+            counters.append(tokaccel.stats(model))
+    ts, fasa = counters
+    assert fasa["scored_keys"] == ts["scored_keys"] > 0
+    score_bytes = ts["scored_keys"] * 2 * D * 4  # 2 KV heads, fp32
+    assert fasa["kv_bytes_read"] == ts["kv_bytes_read"] - score_bytes + score_bytes // 4
+
+
+def test_dominant_keys_are_appended_incrementally_and_rebuilt_after_an_edit():
+    dims = torch.tensor([[0, 8, 3, 11], [1, 9, 2, 10]])
+    keys = torch.randn(2, 2, 30, D)
+    store = DominantKeys(dims)
+    store.update(keys[:, :, :20])
+    got = store.update(keys)
+    want = keys.gather(3, dims[None, :, None].expand(2, 2, 30, 4))
+    assert torch.equal(got, want)
+    shorter = torch.randn(2, 2, 10, D)  # a crop nobody reported: rebuilt from scratch
+    assert torch.equal(store.update(shorter), shorter.gather(3, dims[None, :, None].expand(2, 2, 10, 4)))
+
+
+# ----------------------------------------------------------------------------- errors and registry
+
+
+def test_missing_calibration_names_the_calibrate_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKACCEL_CACHE", str(tmp_path))
+    model = tiny_model("llama")
+    with pytest.raises(FileNotFoundError, match=r"tokaccel calibrate --model llama-L2-H64-random --policy fasa"):
+        tokaccel.patch_model(model, FASA(k=8))
+    with pytest.raises(FileNotFoundError, match=r"--policy fasa --pairing interleaved"):
+        tokaccel.patch_model(model, FASA(k=8, pairing="interleaved"))
+    assert tokaccel.get_policy(model) is None
+    save_calibration({**_calibration(), "model": "llama-L2-H64-random"})  # the default file is found
+    with tokaccel.patched(model, FASA(k=8)):
+        assert tokaccel.get_policy(model).name == "fasa"
+
+
+def test_mismatched_calibration_is_refused():
+    model = tiny_model("llama", num_key_value_heads=4)
+    with pytest.raises(ValueError, match=r"num_kv_heads=2, this model 4; recalibrate with: tokaccel calibrate"):
+        tokaccel.patch_model(model, FASA(k=8, calibration=_calibration()))
+    with pytest.raises(ValueError, match="pairs dims 'hf', the policy 'interleaved'"):
+        tokaccel.patch_model(tiny_model("llama"), FASA(k=8, pairing="interleaved", calibration=_calibration()))
+    with pytest.raises(ValueError, match="n_fc=9 exceeds the D/2 = 8 FCs"):
+        tokaccel.patch_model(tiny_model("llama"), FASA(k=8, n_fc=9, calibration=_calibration()))
+
+
+@pytest.mark.parametrize("option,value", [("pairing", "adjacent"), ("n_fc", 0), ("n_fc", True), ("dense_layers", -1),
+                                          ("calibration", 3), ("k", 0)])
+def test_bad_options_raise_value_error(option, value):
+    with pytest.raises(ValueError, match=option):
+        FASA(**{option: value})
+
+
+def test_registered_by_name_with_a_readable_config():
+    from tokaccel.policies import make_policy
+
+    policy = make_policy("fasa:k=64,pairing=interleaved")
+    assert isinstance(policy, FASA) and policy.pairing == "interleaved" and policy.k == 64
+    assert "<dict for" in str(FASA(calibration=_calibration()))

@@ -1,0 +1,262 @@
+"""Offline calibration for FASA (METHODS.md §1.3): the dominant RoPE frequency chunks (FCs) of
+every layer and KV head, saved once per model as a small JSON file.
+
+RoPE splits q.k into D/2 independent 2-D chunks: in HF's `rotate_half` layout FC i is the dim
+pair (i, i + D/2) ("hf", the default); the official FASA release pairs (2i, 2i+1)
+("interleaved", the layout of models that rotate adjacent dims). For real queries and keys
+captured on long natural text (the eval harness's essay haystack), the score of FC f is its
+partial dot product q_f . k_f; its agreement with the full score is the overlap of the top-K keys
+by each, |topK(partial) ∩ topK(full)| / K, averaged over query positions and over the G query
+heads of a KV head. The best `fraction` of the FCs per head are the dominant ones.
+
+Queries and keys are captured through tokaccel's own attention entry (a Dense policy that also
+records them: post-RoPE, as attention sees them), never with a copied forward. Overlaps are
+computed layer by layer inside the forward, so nothing of size N x N is kept.
+
+File: $TOKACCEL_CACHE/fasa/<model key>.<pairing>.json (default ~/.cache/tokaccel); `tokaccel
+calibrate --model NAME --policy fasa` writes it, `FASA` reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from .policies.dense import Dense, dense_with_stats
+
+logger = logging.getLogger(__name__)
+
+PAIRINGS = ("hf", "interleaved")
+FORMAT = "tokaccel-fasa-calibration/1"
+QUERY_CHUNK = 8  # query positions scored at once: bounds the [Hk, G, F, q, N] temporary
+
+
+# ------------------------------------------------------------------------------------ chunk maths
+def check_pairing(pairing: str) -> None:
+    if pairing not in PAIRINGS:
+        raise ValueError(f"fasa: pairing={pairing!r} is not valid; choose one of {PAIRINGS}")
+
+
+def fc_pairs(x: torch.Tensor, pairing: str) -> torch.Tensor:
+    """x [..., D] -> [..., D/2, 2]: the two dims of each frequency chunk."""
+    check_pairing(pairing)
+    D = x.shape[-1]
+    if pairing == "hf":
+        return torch.stack((x[..., :D // 2], x[..., D // 2:]), dim=-1)
+    return x.reshape(*x.shape[:-1], D // 2, 2)
+
+
+def fc_dims(fcs, head_dim: int, pairing: str) -> list[int]:
+    """The head dims of the frequency chunks `fcs`, ascending: (i, i + D/2) or (2i, 2i+1)."""
+    check_pairing(pairing)
+    half = head_dim // 2
+    dims = [d for i in fcs for d in ((i, i + half) if pairing == "hf" else (2 * i, 2 * i + 1))]
+    return sorted(dims)
+
+
+def fc_overlap(query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, top_k: int, pairing: str
+               ) -> torch.Tensor:
+    """Top-K agreement of each FC's partial score with the full score.
+
+    query [H, N, D], key [Hk, N, D] (one sequence, as attention sees them); positions [Q] long:
+    the query positions measured (each sees keys 0..p, at least top_k of them). Returns [Hk, D/2]
+    fp32: |topK(q_f . k_f) ∩ topK(q . k)| / K, mean over the Q positions and the G query heads
+    of each KV head (query head h reads KV head h // G)."""
+    H, N, D = query.shape
+    Hk, F = key.shape[0], D // 2
+    G = H // Hk
+    kp = fc_pairs(key.float(), pairing)  # [Hk, N, F, 2]
+    total = torch.zeros(Hk, F)
+    for chunk in positions.split(QUERY_CHUNK):
+        Q = chunk.numel()
+        qp = fc_pairs(query[:, chunk].float(), pairing).reshape(Hk, G, Q, F, 2)
+        partial = torch.einsum("hgqfc,hnfc->hgfqn", qp, kp)  # [Hk, G, F, Q, N]
+        full = partial.sum(2)  # [Hk, G, Q, N]: the full logit, FC by FC
+        future = torch.arange(N, device=key.device)[None] > chunk[:, None].to(key.device)  # [Q, N]
+        partial.masked_fill_(future, float("-inf"))
+        full.masked_fill_(future, float("-inf"))
+        in_full = torch.zeros_like(full, dtype=torch.bool).scatter_(-1, full.topk(top_k, dim=-1).indices, True)
+        picked = partial.topk(top_k, dim=-1).indices  # [Hk, G, F, Q, K]
+        hits = in_full[:, :, None].expand(-1, -1, F, -1, -1).gather(-1, picked)
+        total += hits.float().mean(-1).sum(3).mean(1).cpu()  # sum over Q, mean over G
+    return total / positions.numel()
+
+
+def dominant_fcs(overlap: torch.Tensor, n_fc: int) -> list[list[int]]:
+    """overlap [Hk, F] -> per KV head the n_fc FCs of highest overlap, ascending ids."""
+    return [sorted(row.topk(n_fc).indices.tolist()) for row in overlap]
+
+
+# ------------------------------------------------------------------------------------ capture
+@dataclass
+class _RecordingDense(Dense):
+    """Dense attention that also measures FC overlaps of each call's queries and keys (not
+    registered: used only by `calibrate_fasa`)."""
+
+    name: ClassVar[str] = "fasa-calibration"
+    backend: str = "sdpa"
+    positions: torch.Tensor | None = None
+    top_k: int = 128
+    pairing: str = "hf"
+    overlaps: dict | None = None  # layer index -> summed [Hk, F] overlap
+
+    def attend(self, ctx, module, query, key, value, attention_mask, **kwargs):
+        per_row = [fc_overlap(query[b], key[b], self.positions, self.top_k, self.pairing) for b in range(query.shape[0])]
+        layer = ctx.info.layer_idx
+        self.overlaps[layer] = self.overlaps.get(layer, 0) + sum(per_row)
+        return dense_with_stats(ctx, module, query, key, value, attention_mask, **kwargs)
+
+
+def query_positions(length: int, top_k: int, queries: int) -> torch.Tensor:
+    """`queries` positions spread evenly over the second half of a `length`-token sample."""
+    if top_k > length // 2:
+        raise ValueError(f"fasa calibration: top_k={top_k} needs samples of at least {2 * top_k} tokens, "
+                         f"got {length}")
+    return torch.linspace(length // 2, length - 1, min(queries, length - length // 2)).round().long()
+
+
+@torch.no_grad()
+def calibrate_fasa(model, samples: list[torch.Tensor], top_k: int = 128, fraction: float = 0.25,
+                   pairing: str = "hf", queries: int = 32, model_key: str | None = None) -> dict:
+    """The calibration dict of `model`: samples are input_ids [1, L] (same L); for every layer
+    and KV head, the overlap of each FC (D/2 of them) and the dominant `fraction` of the FCs."""
+    from .patch import patched
+
+    check_pairing(pairing)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"fasa calibration: top_k={top_k!r} is not valid; expected an integer >= 1")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"fasa calibration: fraction={fraction!r} is not valid; expected a number in (0, 1]")
+    if not samples or len({s.shape[-1] for s in samples}) != 1:
+        raise ValueError("fasa calibration: give at least one sample, all of the same length")
+    length = samples[0].shape[-1]
+    device = next(model.parameters()).device
+    recorder = _RecordingDense(positions=query_positions(length, top_k, queries), top_k=top_k, pairing=pairing,
+                               overlaps={})
+    started = time.perf_counter()
+    with patched(model, recorder):
+        infos = [ctx.info for ctx in model._tokaccel_patch.contexts]
+        for ids in samples:
+            model(input_ids=ids.reshape(1, -1).to(device), use_cache=False)
+    infos = sorted(infos, key=lambda info: info.layer_idx)
+    head_dims = {info.head_dim for info in infos}
+    kv_heads = {info.num_kv_heads for info in infos}
+    if len(head_dims) != 1 or len(kv_heads) != 1:
+        raise NotImplementedError(f"fasa calibration: layers differ in head dim {head_dims} or KV heads {kv_heads}")
+    D, Hk = head_dims.pop(), kv_heads.pop()
+    n_fc = max(1, round(fraction * D / 2))
+    overlap = [recorder.overlaps[info.layer_idx] / len(samples) for info in infos]  # [Hk, F] each
+    chosen = [dominant_fcs(o, n_fc) for o in overlap]
+    chosen_mean = float(torch.stack([o.gather(1, torch.tensor(c)) for o, c in zip(overlap, chosen)]).mean())
+    return {
+        "format": FORMAT, "model": model_key or model_key_of(model), "pairing": pairing,
+        "num_layers": len(infos), "num_kv_heads": Hk, "head_dim": D, "n_fc": n_fc, "top_k": top_k,
+        "samples": len(samples), "length": length, "queries_per_sample": int(recorder.positions.numel()),
+        "seconds": round(time.perf_counter() - started, 2), "chosen_overlap_mean": round(chosen_mean, 4),
+        "dominant_fcs": chosen, "overlap": [[[round(v, 4) for v in row] for row in o.tolist()] for o in overlap],
+    }
+
+
+# ------------------------------------------------------------------------------------ files
+def model_key_of(model) -> str:
+    """The name `tokaccel calibrate --model` takes for `model`: the embedded name for an embedded
+    model, else its HF id / path, else a description of a config-built model."""
+    from .models import EMBEDDED
+
+    path = getattr(model.config, "_name_or_path", "") or ""
+    base = Path(path).name
+    match = re.fullmatch(r"(.+)-tf[0-9][\w.+-]*", base)
+    if match and match.group(1) in EMBEDDED:
+        return match.group(1)
+    if path:
+        return path
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return f"{cfg.model_type}-L{cfg.num_hidden_layers}-H{cfg.hidden_size}-random"
+
+
+def calibration_path(model_key: str, pairing: str = "hf") -> Path:
+    """$TOKACCEL_CACHE/fasa/<model key>.<pairing>.json."""
+    from .models import cache_dir
+
+    slug = re.sub(r"[^\w.-]+", "_", model_key.strip("/")) or "model"
+    return cache_dir() / "fasa" / f"{slug}.{pairing}.json"
+
+
+def calibrate_command(model_key: str, pairing: str = "hf") -> str:
+    extra = "" if pairing == "hf" else f" --pairing {pairing}"
+    return f"tokaccel calibrate --model {model_key} --policy fasa{extra}"
+
+
+def load_calibration(source, model_key: str, pairing: str) -> dict:
+    """A calibration dict from a dict, a JSON path, or None (the default file of `model_key`).
+    A missing file raises FileNotFoundError naming the command that writes it."""
+    if isinstance(source, dict):
+        return source
+    path = Path(source) if source is not None else calibration_path(model_key, pairing)
+    if not path.exists():
+        raise FileNotFoundError(f"fasa: no calibration at {path}; write it with: {calibrate_command(model_key, pairing)}")
+    return json.loads(path.read_text())
+
+
+def save_calibration(calibration: dict, path: str | Path | None = None) -> Path:
+    path = Path(path) if path is not None else calibration_path(calibration["model"], calibration["pairing"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(calibration, indent=1))
+    tmp.replace(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------ CLI
+def haystack_samples(tokenizer, n: int, length: int) -> list[torch.Tensor]:
+    """n samples of `length` token ids of the essay haystack (BOS first when the tokenizer has
+    one), each starting at a different sentence."""
+    from .evals.haystack import haystack_units, take_units
+
+    units = haystack_units(tokenizer, "essay")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    out = []
+    for i in range(n):
+        flat = [t for unit in take_units(units, i * len(units) // max(n, 1), length) for t in unit]
+        out.append(torch.tensor((bos + flat)[:length])[None])
+    return out
+
+
+def _run(args) -> int:
+    from . import models
+
+    if args.policy != "fasa":
+        raise SystemExit(f"calibrate: --policy {args.policy!r} is not valid; only 'fasa' needs calibration")
+    model, tokenizer = models.load(args.model)
+    key = models.resolve_name(args.model)
+    samples = haystack_samples(tokenizer, args.samples, args.length)
+    calibration = calibrate_fasa(model, samples, top_k=args.top_k, fraction=args.fraction, pairing=args.pairing,
+                                 queries=args.queries, model_key=key)
+    path = save_calibration(calibration, args.out)
+    print(f"{path}: {calibration['num_layers']} layers x {calibration['num_kv_heads']} KV heads, "
+          f"{calibration['n_fc']} of {calibration['head_dim'] // 2} FCs, mean top-{args.top_k} overlap of the "
+          f"chosen FCs {calibration['chosen_overlap_mean']:.3f}, {calibration['seconds']:.1f} s")
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("calibrate", help="offline calibration of a policy (FASA's dominant frequency chunks)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct", help="embedded name, HF id or path")
+    p.add_argument("--policy", default="fasa", help="the policy to calibrate (fasa)")
+    p.add_argument("--samples", type=int, default=4, help="essay-haystack samples (default 4)")
+    p.add_argument("--length", type=int, default=4096, help="tokens per sample (default 4096)")
+    p.add_argument("--top-k", type=int, default=128, help="K of the top-K overlap (default 128)")
+    p.add_argument("--queries", type=int, default=32, help="query positions per sample, over its second half")
+    p.add_argument("--fraction", type=float, default=0.25, help="share of the D/2 FCs kept per head (0.25)")
+    p.add_argument("--pairing", choices=PAIRINGS, default="hf", help="FC dim pairs: hf (i, i+D/2) or interleaved")
+    p.add_argument("--out", default=None, help="output JSON (default $TOKACCEL_CACHE/fasa/<model>.<pairing>.json)")
+    p.set_defaults(func=_run)

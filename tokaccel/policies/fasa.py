@@ -1,0 +1,178 @@
+"""FASA (arXiv 2602.03152): frequency-aware sparse attention (METHODS.md §1.3).
+
+RoPE splits q.k into D/2 independent 2-D frequency chunks (FCs). An offline calibration
+(`tokaccel calibrate --model NAME --policy fasa`, `tokaccel.calibrate`) finds, per layer and
+KV head, the few FCs whose partial score best agrees with the full score on which tokens are
+top-K. FASA scores candidates with those dims only, q[dims] . K[dims], then selects exactly as
+TokenSelect does (soft vote over heads, top-k, sinks, local window, selection cache, chunked
+prefill, sparse full-dim attention, position modes): this class only replaces the scorer
+(`choose`). Layer 0 stays dense (`dense_layers`), as in the paper.
+
+Store/read: each selection layer keeps `DominantKeys`, a copy of only the dominant dims of K,
+contiguous per head ([B, Hk, N, d], d = 2 * n_fc, updated as tokens are appended), so scoring
+reads d/D of the key bytes (25% at the default n_fc = D/8). It costs d/D extra K memory (+25% of
+K, +12.5% of KV); the full K is not permuted, so attention and other code read it unchanged.
+
+Differences from the paper, and why: the selector is TokenSelect's soft vote with one index set
+per layer (the paper ranks by the raw partial score per head); the FC pairing is HF's
+(i, i + D/2) by default, the release's (2i, 2i+1) with pairing="interleaved" (METHODS.md §1.3).
+In compact mode keys are pre-RoPE and the query is rotated at distance n_local; each FC's
+partial score stays that FC's term of q.k because a rotation only mixes the two dims of a chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..calibrate import PAIRINGS, calibrate_command, fc_dims, load_calibration, model_key_of
+from ..cache import _append
+from ..selection import NEG_INF, score_rows, top_k
+from .base import LayerInfo
+from .tokenselect import TokenSelect, _Runtime
+
+
+@dataclass
+class _FasaRuntime(_Runtime):
+    dims: torch.Tensor | None = None  # [Hk, d] long: each KV head's dominant dims, ascending
+
+
+class DominantKeys:
+    """The dominant dims of each KV head's cached keys, contiguous: keys [B, Hk, N, d] (a view of
+    a buffer with headroom, appended to like the cache itself)."""
+
+    def __init__(self, dims: torch.Tensor):
+        self.dims = dims  # [Hk, d] long
+        self.keys = torch.empty(0)
+        self._buf: torch.Tensor | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.keys.shape[2] if self.keys.dim() == 4 else 0
+
+    def update(self, keys: torch.Tensor) -> torch.Tensor:
+        """Copy the dominant dims of rows [tokens, N) of keys [B, Hk, N, D]; returns [B, Hk, N, d]."""
+        B, Hk, N, _ = keys.shape
+        if self.tokens > N or (self.tokens and self.keys.shape[0] != B):  # an edit the layer did not report
+            self.keys, self._buf = torch.empty(0), None
+        if self.tokens < N:
+            d = self.dims.shape[1]
+            new = keys[:, :, self.tokens:].gather(3, self.dims[None, :, None, :].expand(B, Hk, N - self.tokens, d))
+            self.keys, self._buf = _append(self.keys, self._buf, new)
+        return self.keys
+
+    def nbytes(self) -> int:
+        return 0 if self._buf is None else self._buf.untyped_storage().nbytes()
+
+
+@dataclass
+class FASA(TokenSelect):
+    """TokenSelect with a scorer that reads only each head's dominant frequency chunks.
+    Defaults: the paper's for the chunks and layers; TokenSelect's for everything else.
+
+    calibration: a calibration dict (`tokaccel.calibrate.calibrate_fasa`), a JSON path, or None
+        for the model's default file ($TOKACCEL_CACHE/fasa/<model>.<pairing>.json).
+    n_fc: FCs per KV head used to score; None = the calibration's (25% of D/2). At most D/2;
+        a smaller n_fc keeps the best n_fc of the calibrated ranking.
+    pairing: "hf" (FC i = dims (i, i + D/2), HF's rotate_half) or "interleaved" ((2i, 2i+1),
+        the release's); must match the calibration's.
+    dense_layers: the first layers, which stay dense (1: layer 0, as in the paper).
+    Other options: see TokenSelect.
+    """
+
+    name: ClassVar[str] = "fasa"
+    description: ClassVar[str] = "FASA: TokenSelect scored with each head's dominant RoPE frequency chunks (calibrated)"
+    verifies_trees: ClassVar[bool] = False  # the dominant-dim copy does not follow a draft tree's compaction
+
+    calibration: Any = field(default=None, repr=False)
+    n_fc: int | None = None
+    pairing: str = "hf"
+    dense_layers: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        if self.pairing not in PAIRINGS:
+            raise ValueError(f"fasa: pairing={self.pairing!r} is not valid; choose one of {PAIRINGS}")
+        if self.n_fc is not None and (isinstance(self.n_fc, bool) or not isinstance(self.n_fc, int) or self.n_fc < 1):
+            raise ValueError(f"fasa: n_fc={self.n_fc!r} is not valid; expected None or an integer >= 1")
+        if isinstance(self.dense_layers, bool) or not isinstance(self.dense_layers, int) or self.dense_layers < 0:
+            raise ValueError(f"fasa: dense_layers={self.dense_layers!r} is not valid; expected an integer >= 0")
+        if self.calibration is not None and not isinstance(self.calibration, (dict, str)) \
+                and not hasattr(self.calibration, "__fspath__"):
+            raise ValueError(f"fasa: calibration={type(self.calibration).__name__} is not valid; expected None, "
+                             "a calibration dict or a path to a calibration JSON")
+
+    def config(self) -> dict:
+        config = super().config()
+        if isinstance(self.calibration, dict):
+            config["calibration"] = f"<dict for {self.calibration.get('model', '?')}>"
+        elif self.calibration is not None:
+            config["calibration"] = str(self.calibration)
+        return config
+
+    def applies_to(self, layer: LayerInfo) -> bool:
+        return layer.layer_idx >= self.dense_layers and super().applies_to(layer)
+
+    def new_layer_state(self, layer: LayerInfo) -> _FasaRuntime:
+        return _FasaRuntime()
+
+    def on_patch(self, model: torch.nn.Module, contexts) -> list:
+        """Load the calibration, check it fits the model, give each active layer its dims."""
+        key = model_key_of(model)
+        cal = load_calibration(self.calibration, key, self.pairing)
+        active = [ctx for ctx in contexts if ctx.policy is not None]
+        fix = f"; recalibrate with: {calibrate_command(key, self.pairing)}"
+        if cal.get("pairing") != self.pairing:
+            raise ValueError(f"fasa: the calibration pairs dims {cal.get('pairing')!r}, the policy {self.pairing!r}{fix}")
+        for what, want in (("num_layers", len(contexts)),
+                           ("num_kv_heads", active[0].info.num_kv_heads if active else None),
+                           ("head_dim", active[0].info.head_dim if active else None)):
+            if want is not None and cal.get(what) != want:
+                raise ValueError(f"fasa: the calibration of {cal.get('model')!r} has {what}={cal.get(what)}, "
+                                 f"this model {want}{fix}")
+        for ctx in active:
+            info = ctx.info
+            ranked = cal["dominant_fcs"][info.layer_idx]  # per KV head
+            overlap = cal.get("overlap")
+            n_fc = self.n_fc if self.n_fc is not None else cal["n_fc"]
+            if n_fc > info.head_dim // 2:
+                raise ValueError(f"fasa: n_fc={n_fc} exceeds the D/2 = {info.head_dim // 2} FCs of layer {info.layer_idx}")
+            if n_fc != len(ranked[0]):
+                if overlap is None:
+                    raise ValueError(f"fasa: n_fc={n_fc} differs from the calibration's {len(ranked[0])} and the "
+                                     f"file has no per-FC overlaps to re-rank{fix}")
+                ranked = [torch.tensor(row).topk(n_fc).indices.tolist() for row in overlap[info.layer_idx]]
+            dims = [fc_dims(fcs, info.head_dim, self.pairing) for fcs in ranked]
+            ctx.state.dims = torch.tensor(dims, dtype=torch.long)
+        return super().on_patch(model, contexts)
+
+    def choose(self, call, q, start, end, valid, query_valid=None):
+        """Soft vote of the partial scores q[dims] . K[dims] of candidates [start, end); see
+        TokenSelect.choose."""
+        from ..kernels import fc_scores
+        from ..kernels.soft_vote import softmax_head_sum
+
+        dims = call.ctx.state.dims
+        if dims.device != q.device:
+            dims = call.ctx.state.dims = dims.to(q.device)
+        layer = call.layer
+        store = getattr(layer, "dominant_keys", None)
+        if not isinstance(store, DominantKeys) or not torch.equal(store.dims, dims):
+            store = DominantKeys(dims)
+            if layer is not None:
+                layer.dominant_keys = store
+        keys_dom = store.update(call.key)[:, :, start:end]  # [B, Hk, n, d]
+        B, Hk, n, d = keys_dom.shape
+        rows, weights = score_rows(q, Hk, self.head_mapping, query_valid)
+        s = fc_scores(rows.to(keys_dom.dtype), keys_dom, dims, call.scale)  # [B, R, n]
+        call.ctx.stats["scored_keys"] += B * n
+        call.ctx.stats["kv_bytes_read"] += B * n * Hk * d * keys_dom.element_size()
+        if valid is not None:
+            s.masked_fill_(~valid[:, None], NEG_INF)
+        vote = softmax_head_sum(s, weights, overwrite=True)
+        if valid is not None:
+            vote.masked_fill_(~valid, NEG_INF)
+        mid, mid_valid = top_k(vote, self.k, self.pool)
+        return mid + start, mid_valid
