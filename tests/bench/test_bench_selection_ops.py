@@ -89,3 +89,16 @@ def test_hierarchical_scorers_time_their_own_choice(spec):
     assert bench.info["scored_blocks"] > 0 and bench.bytes_read["score"] < flat.bytes_read["score"]
     assert bench.info["keys_read"] <= 8 + 64 + 32
     assert selection_setup(_case(spec, "prefill_chunk")) is None
+
+
+def test_fasa_scores_with_a_quarter_of_the_key_bytes():
+    """FASA decode_miss: "score" is its partial-dim choice over a dominant-dim key copy (random
+    chunks stand in for a calibration): a quarter of the flat scan's key bytes, same step result."""
+    flat = selection_setup(_case(SPEC, "decode_miss"))
+    bench = selection_setup(_case("fasa:k=64,n_init=8,n_local=32", "decode_miss"))
+    torch.testing.assert_close(bench.parts["total"]()[0], bench.parts["attention"]()[:, None], atol=0, rtol=0)
+    assert set(bench.parts) == {"score", "attention", "total"} and bench.info["keys_read"] <= 8 + 64 + 32
+    case = _case(SPEC, "decode_miss")
+    q_bytes = case.batch * case.shape.num_heads * case.shape.head_dim * case.itemsize
+    assert bench.info["scored_keys"] > 0 and bench.info["scored_blocks"] == 0
+    assert 4 * (bench.bytes_read["score"] - q_bytes) == flat.bytes_read["score"] - q_bytes

@@ -12,11 +12,12 @@ the other parts time its pieces on the same inputs:
   "score", "topk", "attention" (the indexed prefill kernel: gathers the selected rows + the chunk,
   re-rotates in compact mode and attends causally).
 
-HISA and Quest (`--impls hisa,quest`) replace TokenSelect's scorer: their "score" part is the
+HISA, Quest and FASA (`--impls hisa,quest,fasa`) replace TokenSelect's scorer: their "score" part is the
 policy's whole candidate choice (`choose`: block / page scoring from the block index, HISA's
 token soft vote inside the kept blocks, and their top-k), so they report no separate "topk". The
 block index is built once before timing, as a cache that has seen every token holds it (its
-per-step update, at most one block re-summarised, is not timed).
+per-step update, at most one block re-summarised, is not timed); FASA's dominant-dim key copy
+likewise, with n_fc random frequency chunks per KV head standing in for a calibration.
 
 K/V are the bench's random tensors, taken as the cache a policy stores (pre-RoPE in compact
 mode). The rotary table is the standard RoPE (base 10000) of the shape's head dim.
@@ -29,6 +30,8 @@ import torch
 from ..cache import SelectionLayer
 from ..policies import make_policy
 from ..policies.base import LayerContext, LayerInfo
+from ..calibrate import fc_dims
+from ..policies.fasa import FASA, _FasaRuntime
 from ..policies.tokenselect import TokenSelect, _Call, _Runtime
 from ..rope import RopeTable
 from ..selection import assemble, top_k
@@ -86,6 +89,8 @@ def selection_setup(case: OpCase) -> OpBench | None:
     q = x.q if case.phase != "prefill_chunk" else x.q_chunk
     layer = SelectionLayer(pre_rope=policy.compact)
     ctx = _context(policy, case, q.shape[2], layer)
+    if isinstance(policy, FASA):  # dims a calibration would give: which ones does not change the cost
+        ctx.state = _bench_fasa_state(policy, case, ctx.state)
     module, scale = ctx.module, ctx.module.scaling
 
     def total():
@@ -103,6 +108,17 @@ def selection_setup(case: OpCase) -> OpBench | None:
             return None  # not implemented for HISA / Quest: their miss step is what the issue measures
         return _prefill_bench(case, policy, call, total)
     return _decode_bench(case, policy, call, layer, total)
+
+
+def _bench_fasa_state(policy: FASA, case: OpCase, state: _Runtime) -> _FasaRuntime:
+    """FASA's layer state with n_fc (default D/8) frequency chunks per KV head, a different
+    random set per head, in place of a calibration file."""
+    D, Hk = case.shape.head_dim, case.shape.num_kv_heads
+    n_fc = policy.n_fc or max(1, round(0.25 * D / 2))
+    g = torch.Generator().manual_seed(0)
+    fcs = [sorted(torch.randperm(D // 2, generator=g)[:n_fc].tolist()) for _ in range(Hk)]
+    dims = torch.tensor([fc_dims(f, D, policy.pairing) for f in fcs], dtype=torch.long, device=case.device)
+    return _FasaRuntime(rope=state.rope, dims=dims)
 
 
 def _decode_bench(case, policy, call, layer, total) -> OpBench:
@@ -215,3 +231,4 @@ def _prefill_bench(case, policy, call, total) -> OpBench:
 register_op_bench("tokenselect", selection_setup, "TokenSelect (METHODS 1.1): decode hit / miss, prefill chunk")
 register_op_bench("hisa", selection_setup, "HISA (METHODS 1.2): block-then-token scoring; decode hit / miss")
 register_op_bench("quest", selection_setup, "Quest (METHODS 1.4): page upper-bound scoring; decode hit / miss")
+register_op_bench("fasa", selection_setup, "FASA (METHODS 1.3): dominant-frequency-chunk scoring (random dims); decode hit / miss")
