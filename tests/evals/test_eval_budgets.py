@@ -13,6 +13,7 @@ RUNS = [  # (policy, policy_config, length, score)
     ("h2o", {"budget": 0.25, "recent": 0.5}, 1024, 40.0),
     ("snapkv", {"budget": 256}, 1024, 50.0),  # tokens: 256 / 1024 = 25 %
     ("tokenselect", {"k": 208, "n_init": 16, "n_local": 32}, 1024, 60.0),
+    ("hisa", {"k": 208, "n_init": 16, "n_local": 32, "block": 16, "m": 16}, 1024, 55.0),
     ("kvpress", {"press": "SnapKVPress", "compression_ratio": 0.75}, 1024, 30.0),
     ("kvpress", {"press": "StreamingLLMPress", "compression_ratio": 0.75}, 1024, 20.0),
     ("h2o", {"budget": 0.5}, 1024, 70.0),
@@ -44,6 +45,7 @@ def test_budget_fraction(results):
     fractions = sorted((r["policy_label"], budget_fraction(r)) for r in found if r["length"] == 1024)
     assert fractions == [
         ("dense", 1.0), ("h2o:budget=0.25,recent=0.5", 0.25), ("h2o:budget=0.5", 0.5),
+        ("hisa:k=208,n_init=16,n_local=32,block=16,m=16", 0.25),
         ("kvpress:press=SnapKVPress,compression_ratio=0.75", 0.25),
         ("kvpress:press=StreamingLLMPress,compression_ratio=0.75", 0.25),
         ("quest:k=100", None), ("snapkv:budget=256", 0.25), ("tokenselect:k=208,n_init=16,n_local=32", 0.25)]
@@ -54,10 +56,10 @@ def test_budget_tables(results):
     text = budget_tables(found)
     assert text.startswith("**smol, 50% of the prompt kept / read per layer**")  # the larger share first
     half, quarter = text.split("**smol, 25% of the prompt kept / read per layer**")
-    header = "| task | length | dense | h2o | kvpress:SnapKV | kvpress:StreamingLLM | snapkv | tokenselect |"
+    header = "| task | length | dense | h2o | hisa | kvpress:SnapKV | kvpress:StreamingLLM | snapkv | tokenselect |"
     assert header in quarter  # presses get their own columns
-    assert "| niah | 1K | 90.0 | 40.0 (20) | 30.0 (20) | 20.0 (20) | 50.0 (20) | 60.0 (20) |" in quarter
-    assert "| niah | 2K | 80.0 | 35.0 (20) | - | - | - | - |" in quarter
+    assert "| niah | 1K | 90.0 | 40.0 (20) | 55.0 (20) | 30.0 (20) | 20.0 (20) | 50.0 (20) | 60.0 (20) |" in quarter
+    assert "| niah | 2K | 80.0 | 35.0 (20) | - | - | - | - | - |" in quarter
     assert "| niah | 1K | 90.0 | 70.0 (20) |" in half and "quest" not in text
 
 

@@ -1,8 +1,9 @@
 """Accuracy at equal token budget: eviction and selection policies side by side.
 
 A result's *budget fraction* is the share of the prompt its policy keeps or reads per layer and
-step: an eviction policy's `budget` (a fraction, or tokens / prompt length), TokenSelect's
-`n_init + k + n_local` over the prompt length, a kvpress press's 1 - compression_ratio.
+step: an eviction policy's `budget` (a fraction, or tokens / prompt length), a selection
+policy's (TokenSelect, HISA, Quest, FASA) `n_init + k + n_local` over the prompt length, a
+kvpress press's 1 - compression_ratio.
 `budget_tables` prints one table per (model, fraction); `plot_budgets` draws accuracy vs length,
 one panel per task, a line per policy (solid: the larger fraction).
 """
@@ -23,7 +24,7 @@ def budget_fraction(result: dict) -> float | None:
     if "budget" in config:
         budget = config["budget"]
         return round(budget if isinstance(budget, float) else budget / length, 2)
-    if policy == "tokenselect":
+    if {"k", "n_init", "n_local"} <= config.keys():  # tokenselect and the other selection policies
         return round((config["n_init"] + config["k"] + config["n_local"]) / length, 2)
     if policy == "kvpress" and config.get("compression_ratio") is not None:
         return round(1 - config["compression_ratio"], 2)
