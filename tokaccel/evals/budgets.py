@@ -65,6 +65,8 @@ def budget_tables(results: list[dict]) -> str:
 def plot_budgets(path, out_dir=None) -> list[Path]:
     """`<model>_accuracy_at_equal_budget.png` for the results under `path` (into `out_dir`,
     default `path/plots`)."""
+    import matplotlib
+
     from .plots import _figure
 
     results = collect_results(path)
@@ -75,8 +77,11 @@ def plot_budgets(path, out_dir=None) -> list[Path]:
         mine = [r for r in results if r["model"] == model and budget_fraction(r) is not None]
         tasks = sorted({r["task"] for r in mine})
         fractions = sorted({budget_fraction(r) for r in mine} - {1.0}, reverse=True)
-        fig, axes = _figure(len(tasks))
-        colors = {}
+        fig, axes = _figure(len(tasks), width=4.6)
+        policies = sorted({_name(r) for r in mine})
+        palette = [matplotlib.colormaps["tab20"](i) for i in [*range(0, 20, 2), *range(1, 20, 2)]]  # dark shades first
+        colors = {p: palette[i % len(palette)] for i, p in enumerate(policies)}
+        labelled = {}
         for ax, task in zip(axes, tasks):
             for policy in sorted({_name(r) for r in mine if r["task"] == task}):
                 for fraction in ([1.0] if policy == "dense" else fractions):
@@ -85,16 +90,17 @@ def plot_budgets(path, out_dir=None) -> list[Path]:
                     if not points:
                         continue
                     style = "-" if fraction in (1.0, fractions[0]) else "--"
+                    label = policy if policy == "dense" else f"{policy} {fraction:.0%}"
                     line, = ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o",
-                                    color=colors.get(policy), label=policy if policy == "dense" else f"{policy} {fraction:.0%}")
-                    colors.setdefault(policy, line.get_color())
+                                    color=colors[policy], label=label)
+                    labelled.setdefault(label, line)
             ax.set_xscale("log", base=2)
             ax.set_ylim(-3, 103)
             ax.set_title(task)
             ax.set_xlabel("prompt length (tokens)")
             ax.set_ylabel("score (0-100)")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+        fig.legend(list(labelled.values()), list(labelled), loc="outside lower center", ncols=4, fontsize=7)
         fig.suptitle(f"{model}: accuracy at equal token budget (share of the prompt kept / read)")
         target = out / f"{slug(model)}_accuracy_at_equal_budget.png"
         fig.savefig(target, dpi=110)
