@@ -81,3 +81,31 @@ def assert_compile_without_spills(run_python, tmp_path, modules, kernel_names, c
         where = f"{r['kernel']}/{r['config']} sm_{r['cap']}"
         assert r["ok"], f"{where}: {r['error']}"
         assert 0 < r["n_regs"] <= 255 and r["n_spills"] == 0, (where, r["n_regs"], r["n_spills"])
+
+
+def triton_kernel_tests(worker_path, cases, modules, kernel_names):
+    """The three module-level pieces every kernel test file shares, to assign by name:
+
+        interp_results, test_triton_matches_reference, test_kernels_compile_for_sm80_and_sm90_without_spills = \\
+            triton_kernel_tests(WORKER, CASES, ["tokaccel.kernels.x"], ["x_kernel"])
+
+    a module-scoped fixture running `cases` under the interpreter, one test per case (Triton equal
+    to the reference), and the AOT compile test for sm_80 / sm_90 without spills."""
+    from tokaccel.kernels import HAS_TRITON
+
+    needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+    @pytest.fixture(scope="module")
+    def results(tmp_path_factory, run_python):
+        return interp_results(worker_path, cases, tmp_path_factory, run_python)
+
+    @needs_triton
+    @pytest.mark.parametrize("case", cases, ids=[c["id"] for c in cases])
+    def test_triton_matches_reference(interp_results, case):
+        assert_interp_case_ok(interp_results, case)
+
+    @needs_triton
+    def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path, run_python):
+        assert_compile_without_spills(run_python, tmp_path, modules, kernel_names)
+
+    return results, test_triton_matches_reference, test_kernels_compile_for_sm80_and_sm90_without_spills

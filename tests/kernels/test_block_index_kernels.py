@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.kernels.conftest import assert_compile_without_spills, assert_interp_case_ok, load_worker
-from tests.kernels.conftest import interp_results as run_interp
-from tokaccel.kernels import HAS_TRITON
+from tests.kernels.conftest import load_worker, triton_kernel_tests
 from tokaccel.kernels.block_index import (block_bound_scores, block_summaries, block_summaries_reference,
                                           block_token_scores_reference)
 
@@ -95,17 +93,5 @@ def _cases():
 CASES = _cases()
 
 
-@pytest.fixture(scope="module")
-def interp_results(tmp_path_factory, run_python):
-    return run_interp(WORKER, CASES, tmp_path_factory, run_python)
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
-def test_triton_matches_reference(interp_results, case):
-    assert_interp_case_ok(interp_results, case)
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path, run_python):
-    assert_compile_without_spills(run_python, tmp_path, ["tokaccel.kernels.block_index"], KERNEL_NAMES)
+interp_results, test_triton_matches_reference, test_kernels_compile_for_sm80_and_sm90_without_spills = \
+    triton_kernel_tests(WORKER, CASES, ["tokaccel.kernels.block_index"], KERNEL_NAMES)

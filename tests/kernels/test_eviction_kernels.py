@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.kernels.conftest import assert_compile_without_spills, assert_interp_case_ok, load_worker
-from tests.kernels.conftest import interp_results as run_interp
+from tests.kernels.conftest import load_worker, triton_kernel_tests
 from tokaccel.kernels import HAS_TRITON, attention_column_sums, decode_attention_probs, get_op
 from tokaccel.kernels.testing import assert_close
 
@@ -248,17 +247,5 @@ def _cases():
 CASES = _cases()
 
 
-@pytest.fixture(scope="module")
-def interp_results(tmp_path_factory, run_python):
-    return run_interp(WORKER, CASES, tmp_path_factory, run_python)
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
-def test_triton_matches_reference(interp_results, case):
-    assert_interp_case_ok(interp_results, case)
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path, run_python):
-    assert_compile_without_spills(run_python, tmp_path, ["tokaccel.kernels.eviction"], KERNEL_NAMES)
+interp_results, test_triton_matches_reference, test_kernels_compile_for_sm80_and_sm90_without_spills = \
+    triton_kernel_tests(WORKER, CASES, ["tokaccel.kernels.eviction"], KERNEL_NAMES)

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.kernels.conftest import assert_compile_without_spills, assert_interp_case_ok, load_worker
-from tests.kernels.conftest import interp_results as run_interp
-from tokaccel.kernels import HAS_TRITON, interpret_enabled, resolve_backend
+from tests.kernels.conftest import load_worker, triton_kernel_tests
+from tokaccel.kernels import interpret_enabled, resolve_backend
 from tokaccel.kernels.indexed_attention import (gather_rows, indexed_decode_attention, indexed_prefill_attention,
                                                 rotate_rows)
 from tokaccel.rope import rotate
@@ -215,21 +214,5 @@ def _cases():
 CASES = _cases()
 
 
-@pytest.fixture(scope="module")
-def interp_results(tmp_path_factory, run_python):
-    return run_interp(WORKER, CASES, tmp_path_factory, run_python)
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
-def test_triton_matches_reference(interp_results, case):
-    assert_interp_case_ok(interp_results, case)
-
-
-# ----------------------------------------------------------------------------- AOT
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path, run_python):
-    assert_compile_without_spills(run_python, tmp_path, ["tokaccel.kernels.soft_vote",
-                                                         "tokaccel.kernels.indexed_attention"], KERNEL_NAMES)
+interp_results, test_triton_matches_reference, test_kernels_compile_for_sm80_and_sm90_without_spills = \
+    triton_kernel_tests(WORKER, CASES, ["tokaccel.kernels.soft_vote", "tokaccel.kernels.indexed_attention"], KERNEL_NAMES)
