@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tokaccel.evals.budgets import budget_fraction, budget_tables, plot_budgets
+from tokaccel.evals.budgets import budget_fraction, budget_tables, plot_budgets, plot_vs_budget
 from tokaccel.evals.runner import collect_results
 
 RUNS = [  # (policy, policy_config, length, score)
@@ -71,6 +71,28 @@ def test_plot_budgets(results, tmp_path):
     assert written[0].stat().st_size > 5000 and written[0].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_two_runs_of_one_policy_at_one_share_get_their_own_columns(tmp_path):
+    for run in [("dense", {}, 1024, 90.0), ("snapkv", {"budget": 0.5, "window": 32}, 1024, 15.0),
+                ("snapkv", {"budget": 0.5, "window": 64}, 1024, 35.0), ("snapkv", {"budget": 0.5, "window": 64}, 2048, 5.0),
+                ("h2o", {"budget": 0.5}, 1024, 70.0)]:
+        _write(tmp_path, *run)
+    text = budget_tables(collect_results(tmp_path))
+    assert "| task | length | dense | h2o | snapkv:window=32 | snapkv:window=64 |" in text
+    assert "| niah | 1K | 90.0 | 70.0 (20) | 15.0 (20) | 35.0 (20) |" in text
+    assert "| niah | 2K | - | - | - | 5.0 (20) |" in text
+
+
+def test_plot_vs_budget(results, tmp_path):
+    pytest.importorskip("matplotlib")
+    root, _ = results
+    written = plot_vs_budget(root, out_dir=tmp_path / "plots")
+    assert [p.name for p in written] == ["smol_accuracy_vs_budget.png"]  # niah 1K holds 25 % and 50 %
+    assert written[0].stat().st_size > 5000 and written[0].read_bytes()[:4] == b"\x89PNG"
+    single = tmp_path / "one"
+    _write(single, "h2o", {"budget": 0.5}, 1024, 70.0)
+    assert plot_vs_budget(single, out_dir=tmp_path / "none") == []  # one share per cell: nothing to draw
+
+
 def test_cli_by_budget(results, capsys):
     from tokaccel import cli
 
@@ -78,4 +100,5 @@ def test_cli_by_budget(results, capsys):
     assert cli.main(["eval", "--report", str(root), "--by-budget"]) == 0
     printed = capsys.readouterr().out
     assert "**smol, 25% of the prompt kept / read per layer**" in printed
+    assert "smol_accuracy_vs_budget.png" in printed
     assert (root / "plots" / "smol_accuracy_at_equal_budget.png").exists()

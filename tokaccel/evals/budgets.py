@@ -37,18 +37,39 @@ def _name(result: dict) -> str:
     return f"kvpress:{press.removesuffix('Press')}" if press else result["policy"]
 
 
+def _labels(results: list[dict]) -> dict[int, str]:
+    """id(result) -> column name: `_name`, plus `key=value` for each option that differs between
+    results of that name in one cell (same task, length and fraction), so that two runs of one
+    policy at one share never overwrite each other."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in results:
+        cells.setdefault((_name(r), r["task"], r["length"], budget_fraction(r)), []).append(r)
+    differing: dict[str, set] = {}
+    for (name, *_), group in cells.items():
+        configs = [r["config"].get("policy_config") or {} for r in group]
+        keys = set().union(*configs)
+        differing.setdefault(name, set()).update(
+            k for k in keys if len({repr(c.get(k)) for c in configs}) > 1)
+    labels = {}
+    for r in results:
+        config, keys = r["config"].get("policy_config") or {}, sorted(differing.get(_name(r), ()))
+        labels[id(r)] = _name(r) + (":" + ",".join(f"{k}={config.get(k)}" for k in keys) if keys else "")
+    return labels
+
+
 def budget_tables(results: list[dict]) -> str:
     """Markdown: per (model, budget fraction) a row per (task, length), a column per policy, with
     dense's score as the first column."""
     out = []
+    label = _labels(results)
     for model in sorted({r["model"] for r in results}):
         mine = [r for r in results if r["model"] == model]
         dense = {(r["task"], r["length"]): r["score"] for r in mine if r["policy"] == "dense"}
         fractions = sorted({f for r in mine if (f := budget_fraction(r)) not in (None, 1.0)}, reverse=True)
         for fraction in fractions:
             rows = [r for r in mine if budget_fraction(r) == fraction]
-            policies = sorted({_name(r) for r in rows})
-            cells = {(r["task"], r["length"], _name(r)): r for r in rows}
+            policies = sorted({label[id(r)] for r in rows})
+            cells = {(r["task"], r["length"], label[id(r)]): r for r in rows}
             out.append(f"**{model}, {fraction:.0%} of the prompt kept / read per layer** (score, samples)\n")
             out.append("| task | length | dense | " + " | ".join(policies) + " |")
             out.append("|---|---|---:|" + "---:|" * len(policies))
@@ -75,18 +96,19 @@ def plot_budgets(path, out_dir=None) -> list[Path]:
     written = []
     for model in sorted({r["model"] for r in results}):
         mine = [r for r in results if r["model"] == model and budget_fraction(r) is not None]
+        column = _labels(mine)
         tasks = sorted({r["task"] for r in mine})
         fractions = sorted({budget_fraction(r) for r in mine} - {1.0}, reverse=True)
         fig, axes = _figure(len(tasks), width=4.6)
-        policies = sorted({_name(r) for r in mine})
+        policies = sorted(set(column.values()))
         palette = [matplotlib.colormaps["tab20"](i) for i in [*range(0, 20, 2), *range(1, 20, 2)]]  # dark shades first
         colors = {p: palette[i % len(palette)] for i, p in enumerate(policies)}
         labelled = {}
         for ax, task in zip(axes, tasks):
-            for policy in sorted({_name(r) for r in mine if r["task"] == task}):
+            for policy in sorted({column[id(r)] for r in mine if r["task"] == task}):
                 for fraction in ([1.0] if policy == "dense" else fractions):
                     points = sorted((r["length"], r["score"]) for r in mine if r["task"] == task
-                                    and _name(r) == policy and budget_fraction(r) == fraction)
+                                    and column[id(r)] == policy and budget_fraction(r) == fraction)
                     if not points:
                         continue
                     style = "-" if fraction in (1.0, fractions[0]) else "--"
@@ -103,6 +125,53 @@ def plot_budgets(path, out_dir=None) -> list[Path]:
         fig.legend(list(labelled.values()), list(labelled), loc="outside lower center", ncols=4, fontsize=7)
         fig.suptitle(f"{model}: accuracy at equal token budget (share of the prompt kept / read)")
         target = out / f"{slug(model)}_accuracy_at_equal_budget.png"
+        fig.savefig(target, dpi=110)
+        written.append(target)
+    return written
+
+
+def plot_vs_budget(path, out_dir=None) -> list[Path]:
+    """`<model>_accuracy_vs_budget.png` for the results under `path` (into `out_dir`, default
+    `path/plots`): one panel per (task, length) holding two or more budget fractions, score vs the
+    share of the prompt kept / read, a line per policy, dense dashed."""
+    import matplotlib
+
+    from .plots import _figure
+
+    results = collect_results(path)
+    out = Path(out_dir) if out_dir else Path(path) / "plots"
+    written = []
+    for model in sorted({r["model"] for r in results}):
+        mine = [r for r in results if r["model"] == model and budget_fraction(r) is not None]
+        label = _labels(mine)
+        panels = sorted(key for key in {(r["task"], r["length"]) for r in mine}
+                        if len({budget_fraction(r) for r in mine if (r["task"], r["length"]) == key} - {1.0}) > 1)
+        if not panels:
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        fig, axes = _figure(len(panels), width=4.2)
+        policies = sorted(set(label.values()) - {"dense"})
+        palette = [matplotlib.colormaps["tab20"](i) for i in [*range(0, 20, 2), *range(1, 20, 2)]]
+        labelled = {}
+        for ax, (task, length) in zip(axes, panels):
+            cell = [r for r in mine if (r["task"], r["length"]) == (task, length)]
+            for r in cell:
+                if r["policy"] == "dense":
+                    labelled.setdefault("dense", ax.axhline(r["score"], color="k", ls="--"))
+            for i, policy in enumerate(policies):
+                points = sorted((budget_fraction(r), r["score"]) for r in cell if label[id(r)] == policy)
+                if points:
+                    line, = ax.plot([100 * p[0] for p in points], [p[1] for p in points], marker="o",
+                                    color=palette[i % len(palette)], label=policy)
+                    labelled.setdefault(policy, line)
+            ax.set_ylim(-3, 103)
+            ax.set_title(f"{task}, {_length_name(length)}")
+            ax.set_xlabel("% of the prompt kept / read per step")
+            ax.set_ylabel("score (0-100)")
+            ax.grid(alpha=0.3)
+        fig.legend(list(labelled.values()), list(labelled), loc="outside lower center", ncols=5, fontsize=7)
+        fig.suptitle(f"{model}: accuracy vs token budget")
+        target = out / f"{slug(model)}_accuracy_vs_budget.png"
         fig.savefig(target, dpi=110)
         written.append(target)
     return written

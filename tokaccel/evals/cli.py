@@ -61,7 +61,8 @@ def add_commands(subparsers) -> None:
                    help="print a task x length table per (model, policy) of the results under DIR and exit")
     p.add_argument("--by-budget", action="store_true",
                    help="with --report: tables per share of the prompt kept / read (eviction vs selection at equal "
-                        "budget) and the plot DIR/plots/<model>_accuracy_at_equal_budget.png")
+                        "budget) and the plots DIR/plots/<model>_accuracy_at_equal_budget.png (vs length) and "
+                        "<model>_accuracy_vs_budget.png (where a cell has two or more budgets)")
     p.set_defaults(func=run)
 
 
@@ -97,10 +98,10 @@ def run(args) -> int:
             print(f"tokaccel eval: no results under {args.report}", file=sys.stderr)
             return 2
         if args.by_budget:
-            from .budgets import budget_tables, plot_budgets
+            from .budgets import budget_tables, plot_budgets, plot_vs_budget
 
             print(budget_tables(results), end="")
-            for path in plot_budgets(args.report):
+            for path in plot_budgets(args.report) + plot_vs_budget(args.report):
                 print(f"wrote {path}")
             return 0
         print(length_tables(results), end="")

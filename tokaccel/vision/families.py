@@ -9,6 +9,7 @@ text decoder and decoder layers are, the image placeholder id, how decode positi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -42,12 +43,17 @@ class VisionFamily:
 @dataclass
 class ClsTower:
     """A vision encoder with a [CLS] token at row 0 whose patch rows map 1:1, in order, onto
-    the image placeholder tokens (LLaVA with a CLIP tower)."""
+    the image placeholder tokens (LLaVA with a CLIP tower, or a tower that declares its own:
+    a `cls_tower(outer) -> ClsTower` method on the vision model, with `capture` set)."""
 
     attn_layers: list  # the encoder's self-attention modules (q_proj / k_proj / num_heads / scale)
     feature_layer: int  # index of the encoder layer whose output feeds the projector
     drops_cls: bool  # vision_feature_select_strategy == "default": the CLS row is not an LLM token
     projector: torch.nn.Module
+    # custom towers: capture(pruner, layers, keys_layer) -> hook handles that store, per encoding, the
+    # CLS rows [n_images, heads, P + 1] of `layers` in pruner.vision["cls"][i] and the key rows
+    # [n_images, P + 1, Dk] of `keys_layer` in pruner.vision["keys"]; None = CLIP pre-hooks on attn_layers
+    capture: Callable | None = None
 
 
 def _find_outer(model: torch.nn.Module) -> torch.nn.Module:
@@ -67,6 +73,8 @@ def _cls_tower(outer: torch.nn.Module) -> ClsTower | None:
     cfg = outer.config
     tower = getattr(outer, "vision_tower", None)
     vision_model = getattr(tower, "vision_model", tower)  # CLIPVisionModel holds the encoder itself in 5.x
+    if callable(getattr(vision_model, "cls_tower", None)):
+        return vision_model.cls_tower(outer)
     embeddings = getattr(vision_model, "embeddings", None)
     if cfg.model_type != "llava" or getattr(embeddings, "class_embedding", None) is None:
         return None

@@ -10,10 +10,15 @@ so that background patches are similar, not identical. The prompt asks which ani
 "image"; a sample scores 1 when the answer names it. Pruning keeps `keep` of the 64 tokens
 through the exact hooks a real LLaVA uses.
 
+VTC-CLS and VisionZip need a vision encoder with a [CLS]. None is available here, so for them the
+"image" goes through `SummaryTower`: the same language model reads [BOS, patches, "\n"] and the
+summary token's attention to the patches (task-agnostic: the question is not in it) stands in for
+the [CLS] attention; the LLM still receives the patch features themselves.
+
 What it can show: whether a method keeps the one informative token among redundant ones, and
 how that degrades with the budget. What it cannot: real images (spatially correlated patches,
-objects spread over many patches, a vision [CLS]: VTC-CLS and VisionZip are not evaluated here),
-real VLM attention patterns, or any benchmark number.
+objects spread over many patches), a real vision encoder's [CLS], real VLM attention patterns,
+or any benchmark number.
 
     python -m tokaccel.vision.proxy_eval [--samples 50] [--keeps 0.05,0.1,0.25,0.5] [--methods "fastv;divprune"]
 
@@ -46,7 +51,8 @@ ANIMALS = [" cat", " dog", " bird", " fish", " horse", " cow", " sheep", " pig",
 BACKGROUND = [" grass", " sky", " water"]
 PROMPT = "Words:@@\nThe animal in the list of words above is a"
 IMAGE_TOKEN_ID = 10  # an unused special token of both embedded tokenizers; replaced by the features
-DEFAULT_METHODS = ("random", "fastv", "divprune", "mmr", "todre", "todre:late_keep=0")
+DEFAULT_METHODS = ("random", "fastv", "divprune", "mmr", "todre", "todre:late_keep=0", "vtc_cls", "visionzip")
+CLS_METHODS = ("vtc_cls", "visionzip")
 
 
 @dataclass
@@ -76,9 +82,79 @@ def make_method(name: str, keep: float):
     return make_policy(name, keep=keep)
 
 
-def build_proxy_vlm(model_name: str, loaded=None):
+class SummaryTower(torch.nn.Module):
+    """The proxy's stand-in for a vision encoder with a [CLS] token (VTC-CLS, VisionZip).
+
+    The language model itself (not a submodule: it is already the VLM's decoder; its own hooks are
+    bypassed) reads [BOS, patches, summary token] causally with eager attention. Encoder layer i
+    = decoder layer i (i < depth); its [CLS] row = the summary token's attention [n, heads, P + 1]
+    (summary first, then the patches; BOS dropped) and its keys = the layer's key rows
+    (normed, before RoPE, heads concatenated) in the same order.
+
+    pixel_values [n, P, H] (patch features, LLM embedding space) -> hidden_states
+    ([n, P + 1, H],): row 0 the summary token, then the features unchanged, so with
+    `vision_feature_layer=0, strategy="default"` and an identity projector the LLM sees exactly
+    the features the other methods see.
+    """
+
+    def __init__(self, lm: torch.nn.Module, summary_id: int, bos_id: int | None, depth: int):
+        super().__init__()
+        self._lm = (lm,)  # a tuple keeps the shared decoder out of this module's children
+        self.summary_id, self.bos_id, self.depth = summary_id, bos_id, depth
+        self.captured: dict = {}
+
+    def forward(self, pixel_values: torch.Tensor, return_dict=True, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        lm = self._lm[0]
+        embed = lm.get_input_embeddings()
+        feats = pixel_values.to(embed.weight.dtype)
+        n, P = feats.shape[:2]
+        token = lambda i: embed(torch.tensor([[i]], device=feats.device)).expand(n, 1, -1)  # noqa: E731
+        parts = ([token(self.bos_id)] if self.bos_id is not None else []) + [feats, token(self.summary_id)]
+        skip = len(parts) - 2  # rows before the first patch
+        implementation = lm.config._attn_implementation
+        lm.set_attn_implementation("eager")
+        try:
+            with torch.no_grad():
+                out = lm.forward(inputs_embeds=torch.cat(parts, 1), use_cache=False, output_attentions=True,
+                                 output_hidden_states=True)
+        finally:
+            lm.set_attn_implementation(implementation)
+        order = torch.cat([torch.tensor([skip + P]), torch.arange(skip, skip + P)]).to(feats.device)
+        self.captured = {"cls": {}, "keys": {}}
+        for i in range(self.depth):
+            self.captured["cls"][i] = out.attentions[i][:, :, -1, order].float()
+            attn = lm.layers[i].self_attn
+            k = attn.k_proj(lm.layers[i].input_layernorm(out.hidden_states[i]))
+            k = k.view(n, k.shape[1], -1, attn.head_dim)
+            if hasattr(attn, "k_norm"):
+                k = attn.k_norm(k)
+            self.captured["keys"][i] = k.flatten(2)[:, order]
+        rows = torch.cat([token(self.summary_id), feats], 1)
+        return BaseModelOutputWithPooling(last_hidden_state=rows, hidden_states=(rows,))
+
+    def capture(self, pruner, layers: list[int], keys_layer: int | None) -> list:
+        """ClsTower.capture: after each encoding, hand the requested rows to the pruner."""
+
+        def hook(module, args, output):
+            pruner.vision.setdefault("cls", {}).update({i: self.captured["cls"][i] for i in layers})
+            if keys_layer is not None:
+                pruner.vision["keys"] = self.captured["keys"][keys_layer]
+
+        return [self.register_forward_hook(hook)]
+
+    def cls_tower(self, outer: torch.nn.Module):
+        from .families import ClsTower
+
+        return ClsTower([], self.depth - 1, True, outer.multi_modal_projector, capture=self.capture)
+
+
+def build_proxy_vlm(model_name: str, loaded=None, tower_depth: int | None = None):
     """(vlm, tokenizer): the embedded LLM's decoder and head (shared, not copied) inside a
-    LlavaForConditionalGeneration; `loaded` = an already loaded (model, tokenizer)."""
+    LlavaForConditionalGeneration whose vision tower is a `SummaryTower` over the first
+    `tower_depth` decoder layers (default half of them) and whose projector is the identity;
+    `loaded` = an already loaded (model, tokenizer)."""
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     from .. import models
@@ -87,16 +163,27 @@ def build_proxy_vlm(model_name: str, loaded=None):
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                               image_size=16, patch_size=8)
     cfg = LlavaConfig(vision_config=vision, text_config=lm.config, image_token_id=IMAGE_TOKEN_ID,
-                      vision_feature_layer=-1)
+                      vision_feature_layer=0, vision_feature_select_strategy="default")
     with torch.device("meta"):
         vlm = LlavaForConditionalGeneration(cfg)
     vlm.model.language_model = lm.model
     vlm.lm_head = lm.lm_head
-    # never run: images arrive pre-encoded; materialised only so the model is a normal module
-    vlm.model.vision_tower = vlm.model.vision_tower.to_empty(device="cpu")
-    vlm.model.multi_modal_projector = vlm.model.multi_modal_projector.to_empty(device="cpu")
+    depth = tower_depth or lm.config.num_hidden_layers // 2
+    summary_id = tok("\n", add_special_tokens=False)["input_ids"][-1]
+    vlm.model.vision_tower = SummaryTower(lm.model, summary_id, tok.bos_token_id, depth)
+    vlm.model.multi_modal_projector = torch.nn.Identity()
     vlm.generation_config = lm.generation_config
     return vlm.eval(), tok
+
+
+def image_inputs(method: str, feats: torch.Tensor) -> dict:
+    """generate() kwargs handing one image over: through the SummaryTower for methods that read a
+    [CLS], pre-encoded (the path 5.x generate uses anyway) for the others."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    if method.split(":")[0] in CLS_METHODS:
+        return {"pixel_values": feats[None]}
+    return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=[feats])}}
 
 
 def make_sample(rng: random.Random, tok, embed, n_patches: int, noise: float):
@@ -122,7 +209,6 @@ def prompt_ids(tok, n_patches: int) -> torch.Tensor:
 def run_cell(vlm, tok, method: str, keep: float, samples: int, n_patches: int, noise: float, seed: int) -> dict:
     """Accuracy of one (method, keep) over `samples` fake images (the same images for every cell)."""
     import tokaccel
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     rng = random.Random(seed)
     ids = prompt_ids(tok, n_patches)
@@ -135,8 +221,7 @@ def run_cell(vlm, tok, method: str, keep: float, samples: int, n_patches: int, n
             animal, feats = make_sample(rng, tok, vlm.get_input_embeddings(), n_patches, noise)
             with torch.no_grad():
                 out = vlm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
-                                   do_sample=False,
-                                   mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[feats])})
+                                   do_sample=False, **image_inputs(method, feats))
             answer = tok.decode(out[0, ids.shape[1]:]).lower()
             correct += bool(re.search(rf"\b{animal}\b", answer))
         kept = tokaccel.stats(vlm)["vision_image_tokens_kept"] / samples if policy is not None else n_patches

@@ -17,6 +17,8 @@ def capture_cls(pruner: Pruner, family: VisionFamily, layers: list[int], keys_la
     """Pre-hooks on the vision attention of `layers`: store the CLS attention row
     [n_images, heads, P + 1] per layer (and the key rows [n_images, P + 1, Dv] of `keys_layer`)
     in `pruner.vision`, for the next prefill to consume."""
+    if family.cls.capture is not None:
+        return family.cls.capture(pruner, layers, keys_layer)
     handles = []
     for i in sorted(set(layers) | ({keys_layer} if keys_layer is not None else set())):
         module = family.cls.attn_layers[i]
