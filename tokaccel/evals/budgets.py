@@ -83,11 +83,17 @@ def budget_tables(results: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _colors(policies: list[str]) -> dict:
+    """A tab20 colour per policy, dark shades first."""
+    import matplotlib
+
+    palette = [matplotlib.colormaps["tab20"](i) for i in [*range(0, 20, 2), *range(1, 20, 2)]]
+    return {p: palette[i % len(palette)] for i, p in enumerate(policies)}
+
+
 def plot_budgets(path, out_dir=None) -> list[Path]:
     """`<model>_accuracy_at_equal_budget.png` for the results under `path` (into `out_dir`,
     default `path/plots`)."""
-    import matplotlib
-
     from .plots import _figure
 
     results = collect_results(path)
@@ -101,8 +107,7 @@ def plot_budgets(path, out_dir=None) -> list[Path]:
         fractions = sorted({budget_fraction(r) for r in mine} - {1.0}, reverse=True)
         fig, axes = _figure(len(tasks), width=4.6)
         policies = sorted(set(column.values()))
-        palette = [matplotlib.colormaps["tab20"](i) for i in [*range(0, 20, 2), *range(1, 20, 2)]]  # dark shades first
-        colors = {p: palette[i % len(palette)] for i, p in enumerate(policies)}
+        colors = _colors(policies)
         labelled = {}
         for ax, task in zip(axes, tasks):
             for policy in sorted({column[id(r)] for r in mine if r["task"] == task}):
@@ -134,8 +139,6 @@ def plot_vs_budget(path, out_dir=None) -> list[Path]:
     """`<model>_accuracy_vs_budget.png` for the results under `path` (into `out_dir`, default
     `path/plots`): one panel per (task, length) holding two or more budget fractions, score vs the
     share of the prompt kept / read, a line per policy, dense dashed."""
-    import matplotlib
-
     from .plots import _figure
 
     results = collect_results(path)
@@ -151,18 +154,18 @@ def plot_vs_budget(path, out_dir=None) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
         fig, axes = _figure(len(panels), width=4.2)
         policies = sorted(set(label.values()) - {"dense"})
-        palette = [matplotlib.colormaps["tab20"](i) for i in [*range(0, 20, 2), *range(1, 20, 2)]]
+        colors = _colors(policies)
         labelled = {}
         for ax, (task, length) in zip(axes, panels):
             cell = [r for r in mine if (r["task"], r["length"]) == (task, length)]
             for r in cell:
                 if r["policy"] == "dense":
                     labelled.setdefault("dense", ax.axhline(r["score"], color="k", ls="--"))
-            for i, policy in enumerate(policies):
+            for policy in policies:
                 points = sorted((budget_fraction(r), r["score"]) for r in cell if label[id(r)] == policy)
                 if points:
                     line, = ax.plot([100 * p[0] for p in points], [p[1] for p in points], marker="o",
-                                    color=palette[i % len(palette)], label=policy)
+                                    color=colors[policy], label=policy)
                     labelled.setdefault(policy, line)
             ax.set_ylim(-3, 103)
             ax.set_title(f"{task}, {_length_name(length)}")
