@@ -91,6 +91,22 @@ def _colors(policies: list[str]) -> dict:
     return {p: palette[i % len(palette)] for i, p in enumerate(policies)}
 
 
+def _style_panel(ax, title: str, xlabel: str) -> None:
+    ax.set_ylim(-3, 103)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("score (0-100)")
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, labelled: dict, title: str, target: Path, ncols: int) -> Path:
+    """Legend below the panels, title, PNG at `target`."""
+    fig.legend(list(labelled.values()), list(labelled), loc="outside lower center", ncols=ncols, fontsize=7)
+    fig.suptitle(title)
+    fig.savefig(target, dpi=110)
+    return target
+
+
 def plot_budgets(path, out_dir=None) -> list[Path]:
     """`<model>_accuracy_at_equal_budget.png` for the results under `path` (into `out_dir`,
     default `path/plots`)."""
@@ -122,16 +138,9 @@ def plot_budgets(path, out_dir=None) -> list[Path]:
                                     color=colors[policy], label=label)
                     labelled.setdefault(label, line)
             ax.set_xscale("log", base=2)
-            ax.set_ylim(-3, 103)
-            ax.set_title(task)
-            ax.set_xlabel("prompt length (tokens)")
-            ax.set_ylabel("score (0-100)")
-            ax.grid(alpha=0.3)
-        fig.legend(list(labelled.values()), list(labelled), loc="outside lower center", ncols=4, fontsize=7)
-        fig.suptitle(f"{model}: accuracy at equal token budget (share of the prompt kept / read)")
-        target = out / f"{slug(model)}_accuracy_at_equal_budget.png"
-        fig.savefig(target, dpi=110)
-        written.append(target)
+            _style_panel(ax, task, "prompt length (tokens)")
+        written.append(_save(fig, labelled, f"{model}: accuracy at equal token budget (share of the prompt kept / read)",
+                             out / f"{slug(model)}_accuracy_at_equal_budget.png", ncols=4))
     return written
 
 
@@ -167,14 +176,7 @@ def plot_vs_budget(path, out_dir=None) -> list[Path]:
                     line, = ax.plot([100 * p[0] for p in points], [p[1] for p in points], marker="o",
                                     color=colors[policy], label=policy)
                     labelled.setdefault(policy, line)
-            ax.set_ylim(-3, 103)
-            ax.set_title(f"{task}, {_length_name(length)}")
-            ax.set_xlabel("% of the prompt kept / read per step")
-            ax.set_ylabel("score (0-100)")
-            ax.grid(alpha=0.3)
-        fig.legend(list(labelled.values()), list(labelled), loc="outside lower center", ncols=5, fontsize=7)
-        fig.suptitle(f"{model}: accuracy vs token budget")
-        target = out / f"{slug(model)}_accuracy_vs_budget.png"
-        fig.savefig(target, dpi=110)
-        written.append(target)
+            _style_panel(ax, f"{task}, {_length_name(length)}", "% of the prompt kept / read per step")
+        written.append(_save(fig, labelled, f"{model}: accuracy vs token budget",
+                             out / f"{slug(model)}_accuracy_vs_budget.png", ncols=5))
     return written
