@@ -3,7 +3,8 @@
 
 Split-K decode: one program per (split of the L selected columns, KV head, batch row) serves
 the G query heads of its KV head from one load of each K/V tile. Per tile it loads the column
-indices, gathers the K rows in two halves (the rotate_half pairs), rotates them to their compact
+indices, gathers the K rows in two halves (the rotate_half pairs; when PERMUTED each half's
+columns come from KCOL, the per-head column of every natural dim: FASA's layout), rotates them to their compact
 positions in registers when ROPE (cos/sin rows = column numbers), takes the logits of the G
 queries with ``tl.dot`` (rows padded to 16), and runs an online softmax into an fp32
 accumulator. Partials (max, exp-sum, unnormalised output) are merged in torch.
@@ -36,23 +37,24 @@ def _blocks(G: int, D: int):
     return max(16, triton.next_power_of_2(G)), block_l, block_h
 
 
-def _aot_config(dtype: torch.dtype, G: int, D: int, rope: bool) -> AotConfig:
+def _aot_config(dtype: torch.dtype, G: int, D: int, rope: bool, permuted: bool = False) -> AotConfig:
     ty = _TL_DTYPE[dtype]
     block_g, block_l, block_h = _blocks(G, D)
     signature = {
         "Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "IDX": "*i64", "START": "*i64", "COS": "*fp32", "SIN": "*fp32",
-        "Acc": "*fp32", "Mx": "*fp32", "Sm": "*fp32", "scale": "fp32", "L": "i32", "SPLIT_L": "i32", "NUM_SPLITS": "i32",
+        "KCOL": "*i64", "Acc": "*fp32", "Mx": "*fp32", "Sm": "*fp32", "scale": "fp32", "L": "i32", "SPLIT_L": "i32", "NUM_SPLITS": "i32",
         "stride_qb": "i32", "stride_qh": "i32", "stride_kb": "i32", "stride_kh": "i32", "stride_kn": "i32",
         "stride_vb": "i32", "stride_vh": "i32", "stride_vn": "i32", "stride_ib": "i32", "stride_cp": "i32",
         "G": "constexpr", "HEAD_DIM": "constexpr", "BLOCK_G": "constexpr", "BLOCK_L": "constexpr",
-        "BLOCK_H": "constexpr", "ROPE": "constexpr", "UPCAST": "constexpr",
+        "BLOCK_H": "constexpr", "ROPE": "constexpr", "PERMUTED": "constexpr", "UPCAST": "constexpr",
     }
     constexprs = {"G": G, "HEAD_DIM": D, "BLOCK_G": block_g, "BLOCK_L": block_l, "BLOCK_H": block_h,
-                  "ROPE": rope, "UPCAST": False}
+                  "ROPE": rope, "PERMUTED": permuted, "UPCAST": False}
     names = list(signature)
     skip = ("scale", "L", "SPLIT_L", "NUM_SPLITS")
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature[n] != "constexpr" and n not in skip}
-    return AotConfig(name=f"{ty}_G{G}_D{D}_{'rope' if rope else 'plain'}", signature=signature,
+    return AotConfig(name=f"{ty}_G{G}_D{D}_{'rope' if rope else 'plain'}{'_permuted' if permuted else ''}",
+                     signature=signature,
                      constexprs=constexprs, attrs=attrs, options={"num_warps": 4, "num_stages": 2})
 
 
@@ -64,17 +66,18 @@ def aot_configs() -> List[AotConfig]:
         _aot_config(torch.bfloat16, 4, 256, True),  # Gemma3 (MQA, D=256)
         _aot_config(torch.float32, 3, 64, True),    # SmolLM2 on fp32
         _aot_config(torch.float16, 1, 96, False),   # MHA, head dim not a power of two
+        _aot_config(torch.bfloat16, 4, 128, True, permuted=True),  # FASA's permuted key dims
     ]
 
 
 @register_kernel(aot_configs, name="indexed_decode_attention")
 def _indexed_decode_kernel(
-    Q, K, V, IDX, START, COS, SIN, Acc, Mx, Sm,
+    Q, K, V, IDX, START, COS, SIN, KCOL, Acc, Mx, Sm,
     scale, L, SPLIT_L, NUM_SPLITS,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ib, stride_cp,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
-    BLOCK_H: tl.constexpr, ROPE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_H: tl.constexpr, ROPE: tl.constexpr, PERMUTED: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # Acc [B, H, NUM_SPLITS, D] fp32; Mx, Sm [B, H, NUM_SPLITS] fp32 (contiguous).
     split = tl.program_id(0)
@@ -106,6 +109,12 @@ def _indexed_decode_kernel(
     hi = tl.minimum(lo + SPLIT_L, L)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    if PERMUTED:  # the columns holding the natural dims of each half
+        kc1 = tl.load(KCOL + hk.to(tl.int64) * HEAD_DIM + offs_h, mask=mask_h, other=0)
+        kc2 = tl.load(KCOL + hk.to(tl.int64) * HEAD_DIM + HALF + offs_h, mask=mask_h, other=0)
+    else:
+        kc1 = offs_h
+        kc2 = offs_h + HALF
     m_i = tl.full([BLOCK_G], NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc1 = tl.zeros([BLOCK_G, BLOCK_H], tl.float32)
@@ -116,9 +125,9 @@ def _indexed_decode_kernel(
         valid = in_range & (cols >= start_b)
         rows = tl.load(IDX + b.to(tl.int64) * stride_ib + cols, mask=in_range, other=0)
         kv_mask = valid[:, None] & mask_h[None, :]
-        k_ptrs = k_base + rows[:, None] * stride_kn + offs_h[None, :]
-        k1 = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        k2 = tl.load(k_ptrs + HALF, mask=kv_mask, other=0.0)
+        k_rows = k_base + rows[:, None] * stride_kn
+        k1 = tl.load(k_rows + kc1[None, :], mask=kv_mask, other=0.0)
+        k2 = tl.load(k_rows + kc2[None, :], mask=kv_mask, other=0.0)
         if ROPE:  # column j sits at compact position j
             c_ptrs = cols[:, None].to(tl.int64) * stride_cp + offs_h[None, :]
             c = tl.load(COS + c_ptrs, mask=kv_mask, other=0.0)
@@ -149,7 +158,7 @@ def _indexed_decode_kernel(
     tl.store(a_ptrs + HALF, acc2, mask=q_mask)
 
 
-def indexed_decode_attention_triton(q, k, v, idx, start, scale, cos=None, sin=None, *,
+def indexed_decode_attention_triton(q, k, v, idx, start, scale, cos=None, sin=None, key_columns=None, *,
                                     splits: Optional[int] = None) -> torch.Tensor:
     """Triton launcher (inputs already validated) -> [B, H, D] in q's dtype.
 
@@ -159,7 +168,7 @@ def indexed_decode_attention_triton(q, k, v, idx, start, scale, cos=None, sin=No
     if D % 2 or (cos is not None and cos.shape[1] != D):  # odd or partial rotary: the reference
         from .indexed_attention import indexed_decode_attention_reference
 
-        return indexed_decode_attention_reference(q, k, v, idx, start, scale, cos, sin)
+        return indexed_decode_attention_reference(q, k, v, idx, start, scale, cos, sin, key_columns)
     if L == 0:
         return q.new_zeros(B, H, D)
     q = q if q.stride(-1) == 1 else q.contiguous()
@@ -172,6 +181,8 @@ def indexed_decode_attention_triton(q, k, v, idx, start, scale, cos=None, sin=No
         cos, sin = cos.contiguous(), sin.contiguous()
     else:
         cos = sin = torch.empty((1, D), dtype=torch.float32, device=q.device)
+    permuted = key_columns is not None
+    kcol = key_columns.contiguous() if permuted else idx
     G = H // Hk
     block_g, block_l, block_h = _blocks(G, D)
     if splits is None:  # ~2 waves of programs on a large GPU, at least one tile each
@@ -182,10 +193,11 @@ def indexed_decode_attention_triton(q, k, v, idx, start, scale, cos=None, sin=No
     mx = torch.empty((B, H, splits), dtype=torch.float32, device=q.device)
     sm = torch.empty_like(mx)
     upcast = bool(interpret_enabled() and q.dtype == torch.bfloat16)
-    args = (q, k, v, idx, start, cos, sin, acc, mx, sm, float(scale), L, split_l, splits,
+    args = (q, k, v, idx, start, cos, sin, kcol, acc, mx, sm, float(scale), L, split_l, splits,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             idx.stride(0), cos.stride(0))
-    kwargs = dict(G=G, HEAD_DIM=D, BLOCK_G=block_g, BLOCK_L=block_l, BLOCK_H=block_h, ROPE=rope, UPCAST=upcast,
+    kwargs = dict(G=G, HEAD_DIM=D, BLOCK_G=block_g, BLOCK_L=block_l, BLOCK_H=block_h, ROPE=rope, PERMUTED=permuted,
+                  UPCAST=upcast,
                   num_warps=4, num_stages=2)
     grid = (splits, Hk, B)
     if q.device.type == "cuda":
@@ -212,24 +224,27 @@ def _prefill_blocks(dtype: torch.dtype, D: int, S: int = 1 << 30):
     return min(32, max(16, triton.next_power_of_2(S))), block_n, max(16, triton.next_power_of_2(D // 2))
 
 
-def _prefill_aot_config(dtype: torch.dtype, G: int, D: int, rope: bool, has_valid: bool = True) -> AotConfig:
+def _prefill_aot_config(dtype: torch.dtype, G: int, D: int, rope: bool, has_valid: bool = True,
+                        permuted: bool = False) -> AotConfig:
     ty = _TL_DTYPE[dtype]
     block_m, block_n, block_h = _prefill_blocks(dtype, D)
     signature = {
         "Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}", "IDX": "*i64", "VALID": "*i8", "COS": "*fp32", "SIN": "*fp32",
-        "Out": f"*{ty}", "scale": "fp32", "S": "i32", "L": "i32",
+        "KCOL": "*i64", "Out": f"*{ty}", "scale": "fp32", "S": "i32", "L": "i32",
         "stride_qb": "i32", "stride_qh": "i32", "stride_qs": "i32", "stride_kb": "i32", "stride_kh": "i32",
         "stride_kn": "i32", "stride_vb": "i32", "stride_vh": "i32", "stride_vn": "i32", "stride_ib": "i32",
         "stride_cb": "i32", "stride_cp": "i32",
         "G": "constexpr", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-        "BLOCK_H": "constexpr", "HAS_VALID": "constexpr", "ROPE": "constexpr", "UPCAST": "constexpr",
+        "BLOCK_H": "constexpr", "HAS_VALID": "constexpr", "ROPE": "constexpr", "PERMUTED": "constexpr",
+        "UPCAST": "constexpr",
     }
     constexprs = {"G": G, "HEAD_DIM": D, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_H": block_h,
-                  "HAS_VALID": has_valid, "ROPE": rope, "UPCAST": False}
+                  "HAS_VALID": has_valid, "ROPE": rope, "PERMUTED": permuted, "UPCAST": False}
     names = list(signature)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if signature[n] != "constexpr" and n not in ("scale", "S", "L")}
-    return AotConfig(name=f"{ty}_G{G}_D{D}_{'rope' if rope else 'plain'}{'' if has_valid else '_novalid'}",
+    return AotConfig(name=f"{ty}_G{G}_D{D}_{'rope' if rope else 'plain'}{'' if has_valid else '_novalid'}"
+                          f"{'_permuted' if permuted else ''}",
                      signature=signature, constexprs=constexprs, attrs=attrs,
                      options={"num_warps": 4, "num_stages": 2})
 
@@ -241,17 +256,19 @@ def prefill_aot_configs() -> List[AotConfig]:
         _prefill_aot_config(torch.bfloat16, 4, 128, True),
         _prefill_aot_config(torch.bfloat16, 4, 256, True),  # Gemma3 (D=256)
         _prefill_aot_config(torch.bfloat16, 7, 128, False, has_valid=False),  # Qwen2-7B, original positions
+        _prefill_aot_config(torch.bfloat16, 4, 128, True, permuted=True),  # FASA's permuted key dims
     ]
 
 
 @register_kernel(prefill_aot_configs, name="indexed_prefill_attention")
 def _indexed_prefill_kernel(
-    Q, K, V, IDX, VALID, COS, SIN, Out,
+    Q, K, V, IDX, VALID, COS, SIN, KCOL, Out,
     scale, S, L,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ib, stride_cb, stride_cp,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_H: tl.constexpr, HAS_VALID: tl.constexpr, ROPE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_H: tl.constexpr, HAS_VALID: tl.constexpr, ROPE: tl.constexpr, PERMUTED: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     # Out [B, S, H, D] contiguous; VALID [B, L] int8 (read only when HAS_VALID).
     mb = tl.program_id(0)
@@ -281,6 +298,12 @@ def _indexed_prefill_kernel(
     hk = (h // G).to(tl.int64)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
+    if PERMUTED:  # the columns holding the natural dims of each half
+        kc1 = tl.load(KCOL + hk * HEAD_DIM + offs_h, mask=mask_h, other=0)
+        kc2 = tl.load(KCOL + hk * HEAD_DIM + HALF + offs_h, mask=mask_h, other=0)
+    else:
+        kc1 = offs_h
+        kc2 = offs_h + HALF
     hi = tl.minimum(L, L - S + (mb + 1) * BLOCK_M)  # the block's causal bound
     m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -293,9 +316,9 @@ def _indexed_prefill_kernel(
         if HAS_VALID:
             ok = ok & (tl.load(VALID + b * stride_cb + cols, mask=ok, other=0) != 0)
         kv_mask = ok[:, None] & mask_h[None, :]
-        k_ptrs = k_base + rows[:, None] * stride_kn + offs_h[None, :]
-        k1 = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        k2 = tl.load(k_ptrs + HALF, mask=kv_mask, other=0.0)
+        k_rows = k_base + rows[:, None] * stride_kn
+        k1 = tl.load(k_rows + kc1[None, :], mask=kv_mask, other=0.0)
+        k2 = tl.load(k_rows + kc2[None, :], mask=kv_mask, other=0.0)
         if ROPE:  # column j sits at compact position j
             c_ptrs = cols[:, None].to(tl.int64) * stride_cp + offs_h[None, :]
             c = tl.load(COS + c_ptrs, mask=kv_mask, other=0.0)
@@ -325,14 +348,15 @@ def _indexed_prefill_kernel(
     tl.store(o_ptrs + HALF, (acc2 / l_i).to(Out.dtype.element_ty), mask=q_mask)
 
 
-def indexed_prefill_attention_triton(q, k, v, idx, col_valid, scale, cos=None, sin=None) -> torch.Tensor:
+def indexed_prefill_attention_triton(q, k, v, idx, col_valid, scale, cos=None, sin=None, key_columns=None
+                                     ) -> torch.Tensor:
     """Triton launcher (inputs already validated) -> [B, S, H, D] in q's dtype."""
     B, H, S, D = q.shape
     Hk, L = k.shape[1], idx.shape[1]
     if D % 2 or (cos is not None and cos.shape[1] != D):  # odd or partial rotary: the reference
         from .indexed_attention import indexed_prefill_attention_reference
 
-        return indexed_prefill_attention_reference(q, k, v, idx, col_valid, scale, cos, sin)
+        return indexed_prefill_attention_reference(q, k, v, idx, col_valid, scale, cos, sin, key_columns)
     out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
@@ -348,13 +372,15 @@ def indexed_prefill_attention_triton(q, k, v, idx, col_valid, scale, cos=None, s
         cos, sin = cos.contiguous(), sin.contiguous()
     else:
         cos = sin = torch.empty((1, D), dtype=torch.float32, device=q.device)
+    permuted = key_columns is not None
+    kcol = key_columns.contiguous() if permuted else idx
     block_m, block_n, block_h = _prefill_blocks(q.dtype, D, S)
     upcast = bool(interpret_enabled() and q.dtype == torch.bfloat16)
-    args = (q, k, v, idx, valid, cos, sin, out, float(scale), S, L,
+    args = (q, k, v, idx, valid, cos, sin, kcol, out, float(scale), S, L,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), idx.stride(0), valid.stride(0), cos.stride(0))
     kwargs = dict(G=H // Hk, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h, HAS_VALID=has_valid,
-                  ROPE=rope, UPCAST=upcast, num_warps=4, num_stages=2)
+                  ROPE=rope, PERMUTED=permuted, UPCAST=upcast, num_warps=4, num_stages=2)
     grid = (triton.cdiv(S, block_m), H, B)
     if q.device.type == "cuda":
         with torch.cuda.device(q.device):

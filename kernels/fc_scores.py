@@ -6,8 +6,9 @@ row ``r`` reads KV head ``r // (R // Hk)``), ``Hk`` KV heads, ``N`` tokens, ``D`
 
     fc_scores(q [B, R, D], keys_dom [B, Hk, N, d], dims [Hk, d] long, scale) -> [B, R, N] fp32
         scale * sum_j q[b, r, dims[hk, j]] * keys_dom[b, hk, t, j] with hk = r // (R // Hk).
-        keys_dom holds only the dominant dims of each head, contiguous (FASA's compact key copy),
-        so scoring reads d / D of the key bytes; q is gathered by `dims` inside the op.
+        keys_dom holds only the dominant dims of each head, contiguous within a row (FASA's cache
+        stores them first: keys_dom = K[..., :d], a strided view), so scoring reads d / D of the
+        key bytes; q is gathered by `dims` inside the op.
 """
 from __future__ import annotations
 

@@ -9,6 +9,8 @@ Shapes (notation of METHODS.md): ``B`` batch, ``H`` query heads, ``Hk`` KV heads
     start    [B] int64        columns < start[b] are padding (index sets are left-aligned)
     cos, sin [P, D] fp32      optional rope table ("compact" positions): column j is rotated to
                               position j and the query to position L - 1
+    key_columns [Hk, D] int64 optional: k's head dims are stored permuted, natural dim i of KV head
+                              h at column key_columns[h, i] (FASA's layout); read back in place
     out      [B, H, D]        softmax(scale * q . k[idx]^T) v[idx], q's dtype
 
 Prefill (:func:`indexed_prefill_attention`): ``q [B, H, S, D]``, S <= L queries that are the last S
@@ -31,10 +33,10 @@ from .dispatch import HAS_TRITON, register_op
 __all__ = ["indexed_decode_attention", "indexed_decode_attention_reference",
            "check_indexed_decode_attention_inputs", "indexed_prefill_attention",
            "indexed_prefill_attention_reference", "check_indexed_prefill_attention_inputs",
-           "gather_rows", "rotate_rows"]
+           "gather_rows", "natural_columns", "rotate_rows"]
 
 
-def check_indexed_decode_attention_inputs(q, k, v, idx, start, scale, cos=None, sin=None) -> None:
+def check_indexed_decode_attention_inputs(q, k, v, idx, start, scale, cos=None, sin=None, key_columns=None) -> None:
     """Raise ValueError (TypeError for non-tensors) naming what is wrong with the inputs."""
     name = "indexed_decode_attention"
     for label, t in (("q", q), ("k", k), ("v", v), ("idx", idx), ("start", start)):
@@ -50,10 +52,11 @@ def check_indexed_decode_attention_inputs(q, k, v, idx, start, scale, cos=None, 
         raise ValueError(f"{name}: idx must be int64 [B, L], got {idx.dtype} {tuple(idx.shape)}")
     if tuple(start.shape) != (B,) or start.dtype not in (torch.long, torch.int32):
         raise ValueError(f"{name}: start must be an integer [B] tensor, got {start.dtype} {tuple(start.shape)}")
-    _check_common(name, q, k, v, idx, scale, cos, sin, (start,))
+    _check_common(name, q, k, v, idx, scale, cos, sin, (start,), key_columns)
 
 
-def check_indexed_prefill_attention_inputs(q, k, v, idx, col_valid, scale, cos=None, sin=None) -> None:
+def check_indexed_prefill_attention_inputs(q, k, v, idx, col_valid, scale, cos=None, sin=None,
+                                           key_columns=None) -> None:
     """Raise ValueError (TypeError for non-tensors) naming what is wrong with the inputs."""
     name = "indexed_prefill_attention"
     for label, t in (("q", q), ("k", k), ("v", v), ("idx", idx)):
@@ -74,11 +77,18 @@ def check_indexed_prefill_attention_inputs(q, k, v, idx, col_valid, scale, cos=N
     if col_valid is not None and (col_valid.shape != idx.shape or col_valid.dtype != torch.bool):
         raise ValueError(f"{name}: col_valid must be bool {tuple(idx.shape)} or None, got "
                          f"{col_valid.dtype} {tuple(col_valid.shape)}")
-    _check_common(name, q, k, v, idx, scale, cos, sin, () if col_valid is None else (col_valid,))
+    _check_common(name, q, k, v, idx, scale, cos, sin, () if col_valid is None else (col_valid,), key_columns)
 
 
-def _check_common(name, q, k, v, idx, scale, cos, sin, extra) -> None:
+def _check_common(name, q, k, v, idx, scale, cos, sin, extra, key_columns=None) -> None:
     D = q.shape[-1]
+    if key_columns is not None:
+        if not isinstance(key_columns, torch.Tensor) or key_columns.dtype != torch.long \
+                or tuple(key_columns.shape) != (k.shape[1], D):
+            raise ValueError(f"{name}: key_columns must be int64 [Hk, D] = {(k.shape[1], D)} or None, got "
+                             f"{getattr(key_columns, 'dtype', type(key_columns).__name__)} "
+                             f"{tuple(getattr(key_columns, 'shape', ()))}")
+        extra = tuple(extra) + (key_columns,)
     if q.dtype != k.dtype or v.dtype != k.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"{name}: q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
     if (cos is None) != (sin is None):
@@ -117,6 +127,14 @@ def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t[batch, :, idx].transpose(1, 2)  # advanced indexing puts [B, L] first
 
 
+def natural_columns(k: torch.Tensor, key_columns: torch.Tensor | None) -> torch.Tensor:
+    """k [B, Hk, L, D] stored with permuted head dims (natural dim i of head h at column
+    key_columns[h, i], [Hk, D]) -> the natural layout (a copy); k itself when key_columns is None."""
+    if key_columns is None:
+        return k
+    return k.gather(3, key_columns[None, :, None, :].expand(k.shape))
+
+
 def rotate_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE (HF ``rotate_half`` layout) of x [..., S, D] with fp32 cos/sin [S, R], R <= D, computed in
     fp32 and rounded to x's dtype; dims >= R pass through."""
@@ -134,12 +152,13 @@ def rotate_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return out if rot == x.shape[-1] else torch.cat((out, x[..., rot:]), dim=-1)
 
 
-def indexed_decode_attention_reference(q, k, v, idx, start, scale, cos=None, sin=None) -> torch.Tensor:
+def indexed_decode_attention_reference(q, k, v, idx, start, scale, cos=None, sin=None, key_columns=None
+                                       ) -> torch.Tensor:
     """Torch reference of :func:`indexed_decode_attention` (also the CPU implementation): gathers
     the L rows once, one [G, D] x [D, L] product per KV head (K is never repeated)."""
     B, H, D = q.shape
     Hk, L = k.shape[1], idx.shape[1]
-    ks, vs = gather_rows(k, idx), gather_rows(v, idx)
+    ks, vs = natural_columns(gather_rows(k, idx), key_columns), gather_rows(v, idx)
     if cos is not None:
         ks = rotate_rows(ks, cos[:L], sin[:L])
         q = rotate_rows(q, cos[L - 1:L], sin[L - 1:L])
@@ -151,12 +170,13 @@ def indexed_decode_attention_reference(q, k, v, idx, start, scale, cos=None, sin
     return torch.matmul(probs, vs).reshape(B, H, D)
 
 
-def indexed_prefill_attention_reference(q, k, v, idx, col_valid, scale, cos=None, sin=None) -> torch.Tensor:
+def indexed_prefill_attention_reference(q, k, v, idx, col_valid, scale, cos=None, sin=None, key_columns=None
+                                        ) -> torch.Tensor:
     """Torch reference of :func:`indexed_prefill_attention` (also the CPU implementation): gathers
     the L rows once, then SDPA with GQA (K/V not repeated) and a bool [B, 1, S, L] mask."""
     H, S = q.shape[1:3]
     Hk, L = k.shape[1], idx.shape[1]
-    ks, vs = gather_rows(k, idx), gather_rows(v, idx)
+    ks, vs = natural_columns(gather_rows(k, idx), key_columns), gather_rows(v, idx)
     if cos is not None:
         ks = rotate_rows(ks, cos[:L], sin[:L])
         q = rotate_rows(q, cos[L - S:L], sin[L - S:L])
@@ -187,6 +207,7 @@ def indexed_decode_attention(
     scale: float,
     cos: Optional[torch.Tensor] = None,
     sin: Optional[torch.Tensor] = None,
+    key_columns: Optional[torch.Tensor] = None,
     *,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
@@ -196,8 +217,8 @@ def indexed_decode_attention(
     The Triton kernel splits the L columns over programs (split-K) and merges the partial
     softmaxes; partial rotary (R < D) runs the reference.
     """
-    check_indexed_decode_attention_inputs(q, k, v, idx, start, scale, cos, sin)
-    return _OP(q, k, v, idx, start, float(scale), cos, sin, backend=backend)
+    check_indexed_decode_attention_inputs(q, k, v, idx, start, scale, cos, sin, key_columns)
+    return _OP(q, k, v, idx, start, float(scale), cos, sin, key_columns, backend=backend)
 
 
 def indexed_prefill_attention(
@@ -209,6 +230,7 @@ def indexed_prefill_attention(
     scale: float,
     cos: Optional[torch.Tensor] = None,
     sin: Optional[torch.Tensor] = None,
+    key_columns: Optional[torch.Tensor] = None,
     *,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
@@ -218,5 +240,5 @@ def indexed_prefill_attention(
     The Triton kernel is flash-attention style (query blocks, column tiles up to the causal bound);
     partial rotary (R < D) runs the reference.
     """
-    check_indexed_prefill_attention_inputs(q, k, v, idx, col_valid, scale, cos, sin)
-    return _PREFILL_OP(q, k, v, idx, col_valid, float(scale), cos, sin, backend=backend)
+    check_indexed_prefill_attention_inputs(q, k, v, idx, col_valid, scale, cos, sin, key_columns)
+    return _PREFILL_OP(q, k, v, idx, col_valid, float(scale), cos, sin, key_columns, backend=backend)

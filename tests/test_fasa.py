@@ -1,5 +1,6 @@
 """FASA: calibration (well-formed, pairing), exactness vs dense, equality with flat TokenSelect
-when every frequency chunk is used, the dominant-dim key copy, errors and registry."""
+when every frequency chunk is used, the permuted key layout (dominant dims first, no copy), tree
+verification with Token Recycling, errors and registry."""
 
 import functools
 import json
@@ -11,7 +12,8 @@ import tokaccel
 from tokaccel.cache import SelectionLayer
 from tokaccel.calibrate import calibrate_fasa, fc_dims, fc_overlap, save_calibration
 from tokaccel.policies import FASA, TokenSelect
-from tokaccel.policies.fasa import DominantKeys
+from tokaccel.kernels.indexed_attention import natural_columns
+from tokaccel.policies.fasa import dominant_first
 
 from .conftest import tiny_model
 from .test_tokenselect import _batch, _run
@@ -81,7 +83,7 @@ def test_pairing_choice_changes_the_dominant_dims():
 @pytest.mark.parametrize("mode,dense_fallback", [("compact", True), ("compact", False), ("original", False)])
 def test_exact_when_budget_covers_context(mode, dense_fallback):
     """k + n_init + n_local >= context: logits equal dense (fp32, 1e-4), prefill and decode, batch 2
-    with left padding; dense_fallback=False runs the partial-dim scorer and its key copy."""
+    with left padding; dense_fallback=False runs the partial-dim scorer on the permuted keys."""
     model, batch, (ref_prefill, ref_steps, ref_tokens) = _dense_reference()
     policy = FASA(k=40, position_mode=mode, dense_fallback=dense_fallback, calibration=_calibration(), **SMALL)
     with tokaccel.patched(model, policy):
@@ -93,9 +95,8 @@ def test_exact_when_budget_covers_context(mode, dense_fallback):
     assert torch.equal(tokens, ref_tokens)
     assert isinstance(cache.layers[1], SelectionLayer) and not isinstance(cache.layers[0], SelectionLayer)
     assert (counters.get("scored_keys", 0) > 0) == (not dense_fallback)
-    if not dense_fallback:
-        store = cache.layers[1].dominant_keys
-        assert store.keys.shape == (2, 2, cache.layers[1].get_seq_length(), 4)
+    layer = cache.layers[1]
+    assert layer.key_order is not None and not torch.equal(layer.key_order, torch.arange(D).expand(2, D))
 
 
 @pytest.mark.parametrize("mode", ["compact", "original"])
@@ -129,16 +130,61 @@ def test_partial_scoring_reads_a_quarter_of_the_key_bytes():
     assert fasa["kv_bytes_read"] == ts["kv_bytes_read"] - score_bytes + score_bytes // 4
 
 
-def test_dominant_keys_are_appended_incrementally_and_rebuilt_after_an_edit():
+def test_dominant_first_orders_each_heads_dims():
     dims = torch.tensor([[0, 8, 3, 11], [1, 9, 2, 10]])
-    keys = torch.randn(2, 2, 30, D)
-    store = DominantKeys(dims)
-    store.update(keys[:, :, :20])
-    got = store.update(keys)
-    want = keys.gather(3, dims[None, :, None].expand(2, 2, 30, 4))
-    assert torch.equal(got, want)
-    shorter = torch.randn(2, 2, 10, D)  # a crop nobody reported: rebuilt from scratch
-    assert torch.equal(store.update(shorter), shorter.gather(3, dims[None, :, None].expand(2, 2, 10, 4)))
+    order = dominant_first(dims, D)
+    assert order[:, :4].tolist() == dims.tolist()
+    assert order[0, 4:].tolist() == [d for d in range(D) if d not in (0, 8, 3, 11)]
+    assert torch.equal(order.sort(dim=1).values, torch.arange(D).expand(2, D))
+
+
+def test_cache_stores_each_heads_dominant_dims_first_and_nothing_else():
+    """Original positions, layer 0 dense: layer 1's prompt keys are the dense run's keys, stored
+    with each head's dominant dims first (the scorer's contiguous slice); un-permuted they equal
+    the dense keys exactly, and the layer holds only its K and V buffers."""
+    model, batch = tiny_model("llama"), _batch()
+    *_, dense_cache = _run(model, batch, steps=2, forward=False)
+    cal = _calibration()
+    with tokaccel.patched(model, FASA(k=6, position_mode="original", calibration=cal, **SMALL)):
+        *_, cache = _run(model, batch, steps=2, forward=False)
+        assert tokaccel.stats(model)["scored_keys"] > 0
+    layer, n = cache.layers[1], batch["input_ids"].shape[1]
+    dense = dense_cache.layers[1].keys[:, :, :n]
+    dims = torch.tensor([fc_dims(fcs, D, "hf") for fcs in cal["dominant_fcs"][1]])
+    assert torch.equal(layer.key_order, dominant_first(dims, D))
+    assert torch.equal(natural_columns(layer.keys, layer.key_columns)[:, :, :n], dense)
+    assert torch.equal(layer.keys[:, :, :n, :4], dense.gather(3, dims[None, :, None].expand(2, 2, n, 4)))
+    held = [v for v in vars(layer).values() if isinstance(v, torch.Tensor) and v.dim() == 4]
+    assert sum(t.untyped_storage().nbytes() for t in {t.untyped_storage().data_ptr(): t for t in held}.values()) \
+        == layer.allocated_bytes()
+
+
+def test_a_cache_filled_in_one_key_order_refuses_another():
+    model, batch = tiny_model("llama"), _batch()
+    with tokaccel.patched(model, FASA(k=6, calibration=_calibration(), **SMALL)):
+        *_, cache = _run(model, batch, steps=1, forward=False)
+    with tokaccel.patched(model, FASA(k=6, n_fc=3, calibration=_calibration(), **SMALL)):  # other dims first
+        with pytest.raises(ValueError, match="another head-dim order"):
+            model(input_ids=batch["input_ids"][:, :1], cache=cache)
+
+
+@pytest.mark.parametrize("mode", ["compact", "original"])
+def test_token_recycling_is_identical_to_greedy(mode):
+    """Draft trees verified through FASA's sparse path: each node scores the permuted keys, reads
+    them un-permuted, and the accepted path's rows move with their layout."""
+    from tests.test_recycling import _greedy, _prompts, _recycled
+    from tokaccel import recycling
+
+    model = tiny_model("llama")
+    with tokaccel.patched(model, FASA(k=6, n_init=2, n_local=8, chunk=8, theta=0.5, position_mode=mode,
+                                      calibration=_calibration())):
+        for ids in _prompts(3, seed=4):
+            ids = ids.repeat(1, 3)
+            expect = _greedy(model, ids, max_new_tokens=24, eos_token_id=None)
+            for tree in ("auto", 4):
+                assert torch.equal(_recycled(model, ids, max_new_tokens=24, eos_token_id=None, tree=tree), expect)
+        assert tokaccel.stats(model)["scored_keys"] > 0
+    recycling.reset(model)
 
 
 # ----------------------------------------------------------------------------- errors and registry

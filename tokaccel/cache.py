@@ -10,11 +10,14 @@ builds) for the layers a selection policy runs on; other layers are left alone. 
 * Appends write into a buffer with `GROW` tokens of headroom instead of `torch.cat`, so a decode
   step copies one token, not the whole cache. `keys`/`values` are views of the buffer; if anything
   replaces them (crop, beam reorder, offload) the layer adopts the new tensors.
+* `key_order` ([Hk, D] long, None = natural): keys may be stored with each head's dims permuted,
+  column j of head h holding dim key_order[h, j] (FASA puts each head's dominant dims first, so
+  its scorer reads a contiguous d-column slice). Readers un-permute with `key_columns`, the
+  inverse (`tokaccel.kernels.indexed_attention.natural_columns`, or the attention kernels' own
+  `key_columns`). The order is set before the first token and never changes while tokens are held.
 * `selection` holds the policy's per-sequence state (the selection cache) and `block_index` a
   hierarchical policy's per-block key summaries (`tokaccel.blocks.BlockIndex`, small tensors
-  beside K, never a copy of it); `dominant_keys` FASA's copy of each head's dominant key dims
-  (`tokaccel.policies.fasa.DominantKeys`, d/D of K: +25% of K at FASA's default); any batch or
-  length edit (crop, reorder, reset) drops all three.
+  beside K, never a copy of it); any batch or length edit (crop, reorder, reset) drops both.
 """
 
 from __future__ import annotations
@@ -62,7 +65,9 @@ class SelectionLayer(DynamicLayer):
         self.incoming_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) of the next update
         self.selection: Any = None
         self.block_index: Any = None
-        self.dominant_keys: Any = None
+        self.key_order: torch.Tensor | None = None  # [Hk, D] long: stored column j of head h holds dim [h, j]
+        self.key_columns: torch.Tensor | None = None  # [Hk, D] long, the inverse: dim i of head h at column [h, i]
+        self._order_given: torch.Tensor | None = None
         self._kbuf: torch.Tensor | None = None
         self._vbuf: torch.Tensor | None = None
 
@@ -81,9 +86,30 @@ class SelectionLayer(DynamicLayer):
             cos, sin = self.incoming_rope
             key_states = unrotate(key_states, cos, sin, self.rope_scaling)
         self.incoming_rope = None
+        if self.key_order is not None:
+            if self.key_order.device != key_states.device:
+                self.key_order, self.key_columns = self.key_order.to(key_states.device), \
+                    self.key_columns.to(key_states.device)
+            key_states = key_states.gather(3, self.key_order[None, :, None, :].expand(key_states.shape))
         self.keys, self._kbuf = _append(self.keys, self._kbuf, key_states)
         self.values, self._vbuf = _append(self.values, self._vbuf, value_states)
         return self.keys, self.values
+
+    def use_key_order(self, order: torch.Tensor | None) -> None:
+        """Store keys with head dims in `order` ([Hk, D] long, each row a permutation; None =
+        natural). Raises ValueError if tokens are already held in another order."""
+        if order is self._order_given:
+            return
+        if self.get_seq_length() > 0:
+            held = self.key_order
+            same = (held is None) == (order is None) and (
+                order is None or (held.shape == order.shape and torch.equal(held.cpu(), order.cpu())))
+            if not same:
+                raise ValueError("this cache layer holds keys stored in another head-dim order (written by "
+                                 "another policy or configuration); start from a new cache")
+        self._order_given = order
+        self.key_order = order
+        self.key_columns = None if order is None else order.argsort(dim=1)
 
     def allocated_bytes(self) -> int:
         """Bytes held by the K and V buffers (stored tokens plus at most GROW tokens of headroom)."""
@@ -92,24 +118,24 @@ class SelectionLayer(DynamicLayer):
     # Edits that change the batch or the length invalidate the selection state.
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
-        self.selection = self.block_index = self.dominant_keys = None
+        self.selection = self.block_index = None
 
     def reset(self) -> None:
         super().reset()
         self._kbuf = self._vbuf = None
-        self.selection = self.block_index = self.dominant_keys = None
+        self.selection = self.block_index = None
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        self.selection = self.block_index = self.dominant_keys = None
+        self.selection = self.block_index = None
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        self.selection = self.block_index = self.dominant_keys = None
+        self.selection = self.block_index = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        self.selection = self.block_index = self.dominant_keys = None
+        self.selection = self.block_index = None
 
 
 def _append(view: torch.Tensor, buf: torch.Tensor | None, new: torch.Tensor):

@@ -92,7 +92,7 @@ def test_hierarchical_scorers_time_their_own_choice(spec):
 
 
 def test_fasa_scores_with_a_quarter_of_the_key_bytes():
-    """FASA decode_miss: "score" is its partial-dim choice over a dominant-dim key copy (random
+    """FASA decode_miss: "score" is its partial-dim choice over the cache's leading dominant dims (random
     chunks stand in for a calibration): a quarter of the flat scan's key bytes, same step result."""
     flat = selection_setup(_case(SPEC, "decode_miss"))
     bench = selection_setup(_case("fasa:k=64,n_init=8,n_local=32", "decode_miss"))

@@ -249,3 +249,28 @@ def test_report_tables_show_difference_to_dense_and_hit_rate():
     assert "| passkey | 85.0 (20) -5.0 | 40.0 (20) |" in tables  # no dense at 8K: no difference
     assert "| niah | 80.0 (20) +0.0 | - |" in tables
     assert "| selection-cache hit rate | 0.60 | 0.90 |" in tables
+
+
+def test_fasa_results_record_which_calibration_they_used(smol, tmp_path, monkeypatch):
+    """A FASA cell's config.json names its calibration (source, settings, content digest): two
+    calibrations of one model give the same policy_config but different provenance."""
+    from tokaccel.calibrate import save_calibration
+    from tokaccel.policies import FASA
+
+    monkeypatch.setenv("TOKACCEL_CACHE", str(tmp_path / "cache"))
+    cal = {"format": "tokaccel-fasa-calibration/1", "model": "smollm2-135m-instruct", "pairing": "hf",
+           "num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "n_fc": 8, "top_k": 128, "samples": 4,
+           "length": 4096, "queries_per_sample": 32, "dominant_fcs": [[list(range(8))] * 3] * 30}
+    path = save_calibration(cal)
+    configs = []
+    for source, spec in ((None, "fasa:k=64"), ("dict", FASA(k=64, calibration={**cal, "samples": 2}))):
+        result = run_eval(smol, policies=[spec], tasks=["passkey"], lengths=[256], samples=1,
+                          out=tmp_path / str(source), progress=False)[0]
+        configs.append(result["config"])
+    default, given = (c["policy_provenance"]["calibration"] for c in configs)
+    assert default["source"] == str(path) and default["samples"] == 4 and default["length"] == 4096
+    assert given["source"] == "dict" and given["samples"] == 2
+    assert len(default["sha256"]) == 16 and default["sha256"] != given["sha256"]
+    assert configs[0]["policy_config"]["calibration"] is None and "policy_provenance" not in \
+        run_eval(smol, policies=["dense"], tasks=["passkey"], lengths=[256], samples=1, out=tmp_path / "d",
+                 progress=False)[0]["config"]

@@ -55,6 +55,18 @@ def attention_inputs(c):
     return q, k, v, idx, start, cos, sin
 
 
+def permuted_keys(k, seed=0):
+    """k [B, Hk, N, D] stored with each head's dims permuted (FASA's layout, a random permutation
+    per head) and key_columns [Hk, D] (natural dim i of head h at column key_columns[h, i])."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 9)
+    Hk, D = k.shape[1], k.shape[3]
+    order = torch.stack([torch.randperm(D, generator=g) for _ in range(Hk)])  # column j holds dim order[h, j]
+    stored = k.gather(3, order[None, :, None, :].expand(k.shape))
+    return stored, order.argsort(dim=1)
+
+
 def prefill_inputs(c):
     """q [B, H, S, D] (a slice of a longer query buffer when "strided"), k, v, idx as attention_inputs,
     col_valid [B, L] (None unless "pad" / "holes" / "valid": row b's first pad * b columns invalid,
@@ -101,7 +113,10 @@ def run_cases(cases):
         elif c["op"] == "prefill":
             q, k, v, idx, col_valid, cos, sin = prefill_inputs(c)
             ref = indexed_prefill_attention_reference(q, k, v, idx, col_valid, 0.125, cos, sin)
-            res = indexed_prefill_attention(q, k, v, idx, col_valid, 0.125, cos, sin, backend="triton")
+            cols = None
+            if c.get("permuted"):  # the same attention from keys stored with permuted dims
+                k, cols = permuted_keys(k, c.get("seed", 0))
+            res = indexed_prefill_attention(q, k, v, idx, col_valid, 0.125, cos, sin, cols, backend="triton")
             B, H, S, D = q.shape
             if res.dtype != q.dtype or res.shape != (B, S, H, D):
                 raise AssertionError(f"bad output {res.dtype} {tuple(res.shape)}")
@@ -109,10 +124,14 @@ def run_cases(cases):
         else:
             args = attention_inputs(c)
             ref = indexed_decode_attention_reference(*args[:5], 0.125, *args[5:])
+            cols = None
+            if c.get("permuted"):  # the same attention from keys stored with permuted dims
+                stored, cols = permuted_keys(args[1], c.get("seed", 0))
+                args = (args[0], stored) + args[2:]
             if c.get("splits"):
-                res = indexed_decode_attention_triton(*args[:5], 0.125, *args[5:], splits=c["splits"])
+                res = indexed_decode_attention_triton(*args[:5], 0.125, *args[5:], cols, splits=c["splits"])
             else:
-                res = indexed_decode_attention(*args[:5], 0.125, *args[5:], backend="triton")
+                res = indexed_decode_attention(*args[:5], 0.125, *args[5:], cols, backend="triton")
             if res.dtype != args[0].dtype or res.shape != args[0].shape:
                 raise AssertionError(f"bad output {res.dtype} {tuple(res.shape)}")
             assert_close(res, ref, name=c["id"])

@@ -126,6 +126,25 @@ def test_indexed_prefill_reference_matches_a_loop(G, Hk, rope, S):
     torch.testing.assert_close(last, indexed_decode_attention(q[:, :, -1], k, v, idx, start, 0.3, cos, sin))
 
 
+@pytest.mark.parametrize("rope", [True, False])
+def test_permuted_key_columns_read_the_same_attention(rope):
+    """Keys stored with each head's dims permuted (FASA's layout) + key_columns: the same outputs
+    as the natural layout, decode and prefill (torch reference)."""
+    worker = _worker()
+    case = {"B": 2, "G": 3, "Hk": 2, "N": 60, "D": 32, "L": 21, "S": 6, "dtype": "fp32", "rope": rope, "pad": 4,
+            "strided": True}
+    q, k, v, idx, col_valid, cos, sin = worker.prefill_inputs(case)
+    stored, cols = worker.permuted_keys(k)
+    assert not torch.equal(stored, k) and torch.equal(stored.gather(3, cols[None, :, None].expand(k.shape)), k)
+    torch.testing.assert_close(indexed_prefill_attention(q, stored, v, idx, col_valid, 0.3, cos, sin, cols),
+                               indexed_prefill_attention(q, k, v, idx, col_valid, 0.3, cos, sin), rtol=0, atol=0)
+    start = torch.tensor([0, 4])
+    torch.testing.assert_close(indexed_decode_attention(q[:, :, -1], stored, v, idx, start, 0.3, cos, sin, cols),
+                               indexed_decode_attention(q[:, :, -1], k, v, idx, start, 0.3, cos, sin), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"key_columns must be int64 \[Hk, D\] = \(2, 32\)"):
+        indexed_decode_attention(q[:, :, -1], stored, v, idx, start, 0.3, cos, sin, cols[:1])
+
+
 def test_bad_inputs_are_refused():
     q, k = torch.zeros(1, 4, 8), torch.zeros(1, 2, 10, 8)
     idx, start = torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, dtype=torch.long)
@@ -186,6 +205,10 @@ def _cases():
          "dtype": "fp32", "rope": True, "rot": 32},
         {"op": "attn", "id": "attn-smollm2", "B": 1, "G": 3, "Hk": 3, "N": 3000, "D": 64, "L": 2688,
          "dtype": "fp32", "rope": True},
+        {"op": "attn", "id": "attn-permuted-rope", "B": 2, "G": 3, "Hk": 3, "N": 300, "D": 64, "L": 130,
+         "dtype": "bf16", "rope": True, "pad": 9, "permuted": True, "splits": 2},
+        {"op": "attn", "id": "attn-permuted-plain", "B": 1, "G": 4, "Hk": 2, "N": 90, "D": 128, "L": 40,
+         "dtype": "fp16", "permuted": True, "strided": True},
     ]
     grid = itertools.product((1, 3, 4, 8), (64, 128, 256), ("fp32", "fp16", "bf16"))
     for i, (G, D, dtype) in enumerate(grid):  # S 1..45 of L 45; rope, padding and holes alternate
@@ -206,6 +229,10 @@ def _cases():
          "dtype": "fp32", "rope": True, "rot": 32},
         {"op": "prefill", "id": "prefill-smollm2-chunk", "B": 1, "G": 3, "Hk": 1, "N": 900, "D": 64, "L": 700,
          "S": 150, "dtype": "fp32", "rope": True, "pad": 0, "holes": 11},
+        {"op": "prefill", "id": "prefill-permuted-rope", "B": 2, "G": 3, "Hk": 3, "N": 200, "D": 64, "L": 90,
+         "S": 40, "dtype": "bf16", "rope": True, "pad": 10, "holes": 4, "permuted": True},
+        {"op": "prefill", "id": "prefill-permuted-plain", "B": 1, "G": 2, "Hk": 2, "N": 80, "D": 256, "L": 50,
+         "S": 17, "dtype": "fp32", "permuted": True, "strided": True},
     ]
     assert len({c["id"] for c in cases}) == len(cases)
     return cases

@@ -16,8 +16,10 @@ HISA, Quest and FASA (`--impls hisa,quest,fasa`) replace TokenSelect's scorer: t
 policy's whole candidate choice (`choose`: block / page scoring from the block index, HISA's
 token soft vote inside the kept blocks, and their top-k), so they report no separate "topk". The
 block index is built once before timing, as a cache that has seen every token holds it (its
-per-step update, at most one block re-summarised, is not timed); FASA's dominant-dim key copy
-likewise, with n_fc random frequency chunks per KV head standing in for a calibration.
+per-step update, at most one block re-summarised, is not timed). FASA's cache stores each head's
+dominant dims first (n_fc random frequency chunks per KV head stand in for a calibration): the
+random K is taken as stored in that order, its scorer reads the first d columns and attention
+un-permutes the rows it reads.
 
 K/V are the bench's random tensors, taken as the cache a policy stores (pre-RoPE in compact
 mode). The rotary table is the standard RoPE (base 10000) of the shape's head dim.
@@ -31,7 +33,7 @@ from ..cache import SelectionLayer
 from ..policies import make_policy
 from ..policies.base import LayerContext, LayerInfo
 from ..calibrate import fc_dims
-from ..policies.fasa import FASA, _FasaRuntime
+from ..policies.fasa import FASA, _FasaRuntime, dominant_first
 from ..policies.tokenselect import TokenSelect, _Call, _Runtime
 from ..rope import RopeTable
 from ..selection import assemble, top_k
@@ -91,6 +93,7 @@ def selection_setup(case: OpCase) -> OpBench | None:
     ctx = _context(policy, case, q.shape[2], layer)
     if isinstance(policy, FASA):  # dims a calibration would give: which ones does not change the cost
         ctx.state = _bench_fasa_state(policy, case, ctx.state)
+        layer.use_key_order(ctx.state.order)
     module, scale = ctx.module, ctx.module.scaling
 
     def total():
@@ -117,8 +120,8 @@ def _bench_fasa_state(policy: FASA, case: OpCase, state: _Runtime) -> _FasaRunti
     n_fc = policy.n_fc or max(1, round(0.25 * D / 2))
     g = torch.Generator().manual_seed(0)
     fcs = [sorted(torch.randperm(D // 2, generator=g)[:n_fc].tolist()) for _ in range(Hk)]
-    dims = torch.tensor([fc_dims(f, D, policy.pairing) for f in fcs], dtype=torch.long, device=case.device)
-    return _FasaRuntime(rope=state.rope, dims=dims)
+    dims = torch.tensor([fc_dims(f, D, policy.pairing) for f in fcs], dtype=torch.long)
+    return _FasaRuntime(rope=state.rope, dims=dims.to(case.device), order=dominant_first(dims, D).to(case.device))
 
 
 def _decode_bench(case, policy, call, layer, total) -> OpBench:
@@ -137,7 +140,8 @@ def _decode_bench(case, policy, call, layer, total) -> OpBench:
     q_bytes = case.batch * case.shape.num_heads * case.shape.head_dim * case.itemsize
     read_bytes = kv_bytes(case, L) + q_bytes
     score_bytes = kv_bytes(case, end - policy.n_init, values=False) + q_bytes
-    parts = {"attention": lambda: indexed_decode_attention(call.query[:, :, 0], x.k, x.v, idx, start, call.scale, cos, sin)}
+    parts = {"attention": lambda: indexed_decode_attention(call.query[:, :, 0], x.k, x.v, idx, start, call.scale, cos, sin,
+                                                           call.key_columns)}
     bytes_read = {"attention": read_bytes}
     B, H, D = case.batch, case.shape.num_heads, case.shape.head_dim
     flops = {"attention": 4 * B * H * L * D}
@@ -219,7 +223,8 @@ def _prefill_bench(case, policy, call, total) -> OpBench:
     return OpBench(
         parts={"score": lambda: policy.vote(f, candidates, call.scale, None),
                "topk": lambda: top_k(vote, policy.k, policy.pool),
-               "attention": lambda: indexed_prefill_attention(q, x.k, x.v, rows, col_valid, call.scale, cos, sin),
+               "attention": lambda: indexed_prefill_attention(q, x.k, x.v, rows, col_valid, call.scale, cos, sin,
+                                                              call.key_columns),
                "total": total},
         bytes_read={"score": score_bytes, "topk": vote.numel() * 4, "attention": read_bytes,
                     "total": score_bytes + read_bytes},

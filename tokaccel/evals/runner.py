@@ -78,10 +78,11 @@ class PolicyMethod:
 
     @contextlib.contextmanager
     def session(self, model):
-        from ..patch import patched, reset_stats
+        from ..patch import get_policy, patched, reset_stats
         from ..policies import make_policy
 
         with patched(model, make_policy(self.spec) if isinstance(self.spec, str) else self.policy):
+            self.provenance = get_policy(model).provenance()
             reset_stats(model)
             yield
 
@@ -482,6 +483,8 @@ def run_eval(model="smollm2-135m-instruct", policies=("dense",), tasks=("passkey
                         "policy_kind": method.kind, "policy_config": method.config(), "versions": versions(),
                         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     }
+                    if getattr(method, "provenance", None):  # e.g. FASA's calibration file and settings
+                        config["policy_provenance"] = method.provenance
                     if data_dirs and task.kind in data_dirs:
                         config["data_dir"] = str(data_dirs[task.kind])
                     write_result(folder, config, metrics, rows)

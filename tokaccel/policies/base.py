@@ -72,6 +72,11 @@ class Policy:
         """The policy's configuration as a plain dict (for result folders and reports)."""
         return dataclasses.asdict(self)
 
+    def provenance(self) -> dict:
+        """What the patched policy loaded besides its config (e.g. FASA's calibration file and
+        its settings), recorded beside the config in eval results; {} when nothing."""
+        return {}
+
     def applies_to(self, layer: LayerInfo) -> bool:
         """Whether this policy runs on `layer`; other layers stay dense. Default: full-attention
         layers only, so sliding-window layers (Gemma3, Mistral) keep their own window."""

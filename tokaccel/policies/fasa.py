@@ -8,10 +8,12 @@ TokenSelect does (soft vote over heads, top-k, sinks, local window, selection ca
 prefill, sparse full-dim attention, position modes): this class only replaces the scorer
 (`choose`). Layer 0 stays dense (`dense_layers`), as in the paper.
 
-Store/read: each selection layer keeps `DominantKeys`, a copy of only the dominant dims of K,
-contiguous per head ([B, Hk, N, d], d = 2 * n_fc, updated as tokens are appended), so scoring
-reads d/D of the key bytes (25% at the default n_fc = D/8). It costs d/D extra K memory (+25% of
-K, +12.5% of KV); the full K is not permuted, so attention and other code read it unchanged.
+Store/read: the cache stores each KV head's key dims permuted, its d = 2 * n_fc dominant dims
+first (`SelectionLayer.key_order`, set before the first token), so the scorer reads the
+contiguous slice K[..., :d] of each row: d/D of the key bytes (25% at the default n_fc = D/8),
+with no second copy of any key. Attention un-permutes the rows it reads (the indexed attention
+kernels take the inverse, `key_columns`; dense fallbacks copy the context back to the natural
+layout, only while it fits the budget).
 
 Differences from the paper, and why: the selector is TokenSelect's soft vote with one index set
 per layer (the paper ranks by the raw partial score per head); the FC pairing is HF's
@@ -22,13 +24,14 @@ partial score stays that FC's term of q.k because a rotation only mixes the two 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from ..calibrate import PAIRINGS, calibrate_command, fc_dims, load_calibration, model_key_of
-from ..cache import _append
+from ..calibrate import PAIRINGS, calibrate_command, calibration_path, fc_dims, load_calibration, model_key_of
 from ..selection import NEG_INF, score_rows, top_k
 from .base import LayerInfo
 from .tokenselect import TokenSelect, _Runtime
@@ -36,35 +39,22 @@ from .tokenselect import TokenSelect, _Runtime
 
 @dataclass
 class _FasaRuntime(_Runtime):
-    dims: torch.Tensor | None = None  # [Hk, d] long: each KV head's dominant dims, ascending
+    dims: torch.Tensor | None = None  # [Hk, d] long: each KV head's dominant dims
+    order: torch.Tensor | None = None  # [Hk, D] long: the cache's dim order, dims first then the rest
 
 
-class DominantKeys:
-    """The dominant dims of each KV head's cached keys, contiguous: keys [B, Hk, N, d] (a view of
-    a buffer with headroom, appended to like the cache itself)."""
+def calibration_identity(cal: dict, source: str) -> dict:
+    """Where a calibration came from, its settings and a digest of its content (for results)."""
+    settings = ("model", "pairing", "n_fc", "top_k", "samples", "length", "queries_per_sample", "chosen_overlap_mean")
+    digest = hashlib.sha256(json.dumps(cal, sort_keys=True).encode()).hexdigest()[:16]
+    return {"source": source, "sha256": digest, **{k: cal.get(k) for k in settings}}
 
-    def __init__(self, dims: torch.Tensor):
-        self.dims = dims  # [Hk, d] long
-        self.keys = torch.empty(0)
-        self._buf: torch.Tensor | None = None
 
-    @property
-    def tokens(self) -> int:
-        return self.keys.shape[2] if self.keys.dim() == 4 else 0
-
-    def update(self, keys: torch.Tensor) -> torch.Tensor:
-        """Copy the dominant dims of rows [tokens, N) of keys [B, Hk, N, D]; returns [B, Hk, N, d]."""
-        B, Hk, N, _ = keys.shape
-        if self.tokens > N or (self.tokens and self.keys.shape[0] != B):  # an edit the layer did not report
-            self.keys, self._buf = torch.empty(0), None
-        if self.tokens < N:
-            d = self.dims.shape[1]
-            new = keys[:, :, self.tokens:].gather(3, self.dims[None, :, None, :].expand(B, Hk, N - self.tokens, d))
-            self.keys, self._buf = _append(self.keys, self._buf, new)
-        return self.keys
-
-    def nbytes(self) -> int:
-        return 0 if self._buf is None else self._buf.untyped_storage().nbytes()
+def dominant_first(dims: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[Hk, D] long: per KV head, its dominant dims ([Hk, d]) then the other dims ascending."""
+    rest = torch.ones(dims.shape[0], head_dim, dtype=torch.bool).scatter_(1, dims, False)
+    others = torch.arange(head_dim).expand(dims.shape[0], -1)[rest].view(dims.shape[0], -1)
+    return torch.cat((dims, others), dim=1)
 
 
 @dataclass
@@ -84,7 +74,6 @@ class FASA(TokenSelect):
 
     name: ClassVar[str] = "fasa"
     description: ClassVar[str] = "FASA: TokenSelect scored with each head's dominant RoPE frequency chunks (calibrated)"
-    verifies_trees: ClassVar[bool] = False  # the dominant-dim copy does not follow a draft tree's compaction
 
     calibration: Any = field(default=None, repr=False)
     n_fc: int | None = None
@@ -122,6 +111,8 @@ class FASA(TokenSelect):
         """Load the calibration, check it fits the model, give each active layer its dims."""
         key = model_key_of(model)
         cal = load_calibration(self.calibration, key, self.pairing)
+        self._provenance = {"calibration": calibration_identity(
+            cal, "dict" if isinstance(self.calibration, dict) else str(self.calibration or calibration_path(key, self.pairing)))}
         active = [ctx for ctx in contexts if ctx.policy is not None]
         fix = f"; recalibrate with: {calibrate_command(key, self.pairing)}"
         if cal.get("pairing") != self.pairing:
@@ -144,9 +135,15 @@ class FASA(TokenSelect):
                     raise ValueError(f"fasa: n_fc={n_fc} differs from the calibration's {len(ranked[0])} and the "
                                      f"file has no per-FC overlaps to re-rank{fix}")
                 ranked = [torch.tensor(row).topk(n_fc).indices.tolist() for row in overlap[info.layer_idx]]
-            dims = [fc_dims(fcs, info.head_dim, self.pairing) for fcs in ranked]
-            ctx.state.dims = torch.tensor(dims, dtype=torch.long)
+            dims = torch.tensor([fc_dims(fcs, info.head_dim, self.pairing) for fcs in ranked], dtype=torch.long)
+            ctx.state.dims, ctx.state.order = dims, dominant_first(dims, info.head_dim)
         return super().on_patch(model, contexts)
+
+    def provenance(self) -> dict:
+        return getattr(self, "_provenance", {})
+
+    def key_order(self, ctx) -> torch.Tensor:
+        return ctx.state.order
 
     def choose(self, call, q, start, end, valid, query_valid=None):
         """Soft vote of the partial scores q[dims] . K[dims] of candidates [start, end); see
@@ -157,13 +154,12 @@ class FASA(TokenSelect):
         dims = call.ctx.state.dims
         if dims.device != q.device:
             dims = call.ctx.state.dims = dims.to(q.device)
-        layer = call.layer
-        store = getattr(layer, "dominant_keys", None)
-        if not isinstance(store, DominantKeys) or not torch.equal(store.dims, dims):
-            store = DominantKeys(dims)
-            if layer is not None:
-                layer.dominant_keys = store
-        keys_dom = store.update(call.key)[:, :, start:end]  # [B, Hk, n, d]
+        d = dims.shape[1]
+        if call.key_columns is not None:  # the cache stores the dominant dims first
+            keys_dom = call.key[:, :, start:end, :d]  # [B, Hk, n, d], rows strided by D
+        else:  # no cache (use_cache=False): this call's keys in the natural layout
+            keys = call.key[:, :, start:end]
+            keys_dom = keys.gather(3, dims[None, :, None, :].expand(*keys.shape[:3], d))
         B, Hk, n, d = keys_dom.shape
         rows, weights = score_rows(q, Hk, self.head_mapping, query_valid)
         s = fc_scores(rows.to(keys_dom.dtype), keys_dom, dims, call.scale)  # [B, R, n]

@@ -161,6 +161,7 @@ class TokenSelect(Policy):
                 return  # a sliding-window layer (e.g. Mistral's): it stays dense, see attend()
             scaling = ctx.state.rope.scaling if self.compact else 1.0
             layer = install_selection_layer(cache, layer_idx, self.compact, scaling)
+            layer.use_key_order(self.key_order(ctx))
             if self.compact:
                 if kwargs.get("position_embeddings") is None:
                     raise NotImplementedError(f"{self.name}: {type(module).__name__} is called without "
@@ -168,6 +169,10 @@ class TokenSelect(Policy):
                 layer.incoming_rope = kwargs["position_embeddings"]
 
         return hook
+
+    def key_order(self, ctx: LayerContext) -> torch.Tensor | None:
+        """[Hk, D] long: the head-dim order the layer's cache stores keys in (None: natural)."""
+        return None
 
     # ------------------------------------------------------------------ attention
     def attend(self, ctx, module, query, key, value, attention_mask, **kwargs):
@@ -181,6 +186,7 @@ class TokenSelect(Policy):
         idx = ctx.info.layer_idx
         layer = cache.layers[idx] if cache is not None and idx < len(cache.layers) else None
         layer = layer if isinstance(layer, SelectionLayer) else None
+        columns = layer.key_columns if layer is not None else None  # permuted head dims: un-permute to read
         S, D, N = query.shape[2], query.shape[3], key.shape[2]
         q_pre = None
         if self.compact:
@@ -192,6 +198,7 @@ class TokenSelect(Policy):
         if tree is not None:
             return self._attend_tree(ctx, module, query, key, value, attention_mask, layer, q_pre, tree, kwargs)
         if self.dense_fallback and N <= self.budget:
+            key = _natural(key, columns)
             if self.compact:  # positions 0..N-1: the same distances as the model's own positions
                 cos_t, sin_t = ctx.state.rope(N, query.device, query.dtype)
                 query, key = rotate(q_pre, cos_t[N - S:], sin_t[N - S:]), rotate(key, cos_t, sin_t)
@@ -222,6 +229,7 @@ class TokenSelect(Policy):
         depth = tree.depth.to(query.device)
         if self.dense_fallback and P + len(tree.levels) + 1 <= self.budget:  # every node dense: one call
             ctx.state.tree_states = None
+            key = _natural(key, layer.key_columns if layer is not None else None)
             if self.compact:
                 cos, sin = ctx.state.rope(P + S, query.device, query.dtype)
                 positions = torch.cat((torch.arange(P, device=query.device), P + depth))
@@ -265,6 +273,13 @@ class TokenSelect(Policy):
         return soft_vote(q, keys, scale, valid, self.head_mapping, query_valid)
 
 
+def _natural(key: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+    """key [B, Hk, N, D] in the natural head-dim layout (a copy when stored permuted)."""
+    from ..kernels.indexed_attention import natural_columns
+
+    return natural_columns(key, columns)
+
+
 def _key_valid(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
     """[B, n] bool: which cached tokens are real (not padding), from HF's 4-D mask; None if all are."""
     if mask is None:
@@ -277,11 +292,13 @@ def _key_valid(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
 class _Call:
     """One sparse attention call of one layer: query [B, H, S, D] and key [B, Hk, N, D] both
     un-rotated in compact mode (as HF rotated them in original mode), value [B, Hk, N, D],
-    key_valid [B, N] or None."""
+    key_valid [B, N] or None. key_columns [Hk, D]: the layer stores key dims permuted (natural dim
+    i of head h at column [h, i]; `SelectionLayer.key_order`), None: natural."""
 
     def __init__(self, policy: TokenSelect, ctx: LayerContext, query, key, value, key_valid, scale, layer=None):
         self.p, self.ctx, self.layer = policy, ctx, layer  # layer: the SelectionLayer, None without a cache
         self.query, self.key, self.value = query, key, value
+        self.key_columns = layer.key_columns if layer is not None else None
         self.key_valid, self.scale = key_valid, scale
         B = query.shape[0]
         self.first = (key_valid.int().argmax(1) if key_valid is not None
@@ -331,8 +348,9 @@ class _Call:
             cos = sin = None
             if self.p.compact:
                 cos, sin = self.ctx.state.rope(L, q.device, torch.float32)
-            return indexed_prefill_attention(q, self.key, self.value, rows, col_valid, self.scale, cos, sin)
-        k, v = self.key[:, :, :rows], self.value[:, :, :rows]
+            return indexed_prefill_attention(q, self.key, self.value, rows, col_valid, self.scale, cos, sin,
+                                             self.key_columns)
+        k, v = _natural(self.key[:, :, :rows], self.key_columns), self.value[:, :, :rows]
         if self.p.compact:
             cos, sin = self.ctx.state.rope(L, q.device, q.dtype)
             k, q = rotate(k, cos, sin), rotate(q, cos[L - S:], sin[L - S:])
@@ -408,7 +426,7 @@ class _Call:
             cos, sin = self.ctx.state.rope(L, idx.device, torch.float32)
         start = L - valid.sum(1)
         query = self.query[:, :, 0] if query is None else query
-        out = indexed_decode_attention(query, self.key, self.value, idx, start, self.scale, cos, sin)
+        out = indexed_decode_attention(query, self.key, self.value, idx, start, self.scale, cos, sin, self.key_columns)
         self.ctx.stats.record_read(idx.shape[0], 1, L, self.key.shape[1], self.key.shape[3], self.key.element_size())
         return out[:, None]
 
