@@ -111,8 +111,9 @@ class FASA(TokenSelect):
         """Load the calibration, check it fits the model, give each active layer its dims."""
         key = model_key_of(model)
         cal = load_calibration(self.calibration, key, self.pairing)
-        self._provenance = {"calibration": calibration_identity(
-            cal, "dict" if isinstance(self.calibration, dict) else str(self.calibration or calibration_path(key, self.pairing)))}
+        source = "dict" if isinstance(self.calibration, dict) else \
+            str(self.calibration or calibration_path(key, self.pairing))
+        self._provenance = {"calibration": calibration_identity(cal, source)}
         active = [ctx for ctx in contexts if ctx.policy is not None]
         fix = f"; recalibrate with: {calibrate_command(key, self.pairing)}"
         if cal.get("pairing") != self.pairing:
