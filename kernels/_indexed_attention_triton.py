@@ -4,8 +4,8 @@
 Split-K decode: one program per (split of the L selected columns, KV head, batch row) serves
 the G query heads of its KV head from one load of each K/V tile. Per tile it loads the column
 indices, gathers the K rows in two halves (the rotate_half pairs; when PERMUTED each half's
-columns come from KCOL, the per-head column of every natural dim: FASA's layout), rotates them to their compact
-positions in registers when ROPE (cos/sin rows = column numbers), takes the logits of the G
+columns come from KCOL, the per-head column of every natural dim: FASA's layout), rotates them
+to their compact positions in registers when ROPE (cos/sin rows = column numbers), takes the logits of the G
 queries with ``tl.dot`` (rows padded to 16), and runs an online softmax into an fp32
 accumulator. Partials (max, exp-sum, unnormalised output) are merged in torch.
 
