@@ -186,7 +186,6 @@ class TokenSelect(Policy):
         idx = ctx.info.layer_idx
         layer = cache.layers[idx] if cache is not None and idx < len(cache.layers) else None
         layer = layer if isinstance(layer, SelectionLayer) else None
-        columns = layer.key_columns if layer is not None else None  # permuted head dims: un-permute to read
         S, D, N = query.shape[2], query.shape[3], key.shape[2]
         q_pre = None
         if self.compact:
@@ -198,7 +197,7 @@ class TokenSelect(Policy):
         if tree is not None:
             return self._attend_tree(ctx, module, query, key, value, attention_mask, layer, q_pre, tree, kwargs)
         if self.dense_fallback and N <= self.budget:
-            key = _natural(key, columns)
+            key = _natural(key, layer)
             if self.compact:  # positions 0..N-1: the same distances as the model's own positions
                 cos_t, sin_t = ctx.state.rope(N, query.device, query.dtype)
                 query, key = rotate(q_pre, cos_t[N - S:], sin_t[N - S:]), rotate(key, cos_t, sin_t)
@@ -229,7 +228,7 @@ class TokenSelect(Policy):
         depth = tree.depth.to(query.device)
         if self.dense_fallback and P + len(tree.levels) + 1 <= self.budget:  # every node dense: one call
             ctx.state.tree_states = None
-            key = _natural(key, layer.key_columns if layer is not None else None)
+            key = _natural(key, layer)
             if self.compact:
                 cos, sin = ctx.state.rope(P + S, query.device, query.dtype)
                 positions = torch.cat((torch.arange(P, device=query.device), P + depth))
@@ -273,11 +272,12 @@ class TokenSelect(Policy):
         return soft_vote(q, keys, scale, valid, self.head_mapping, query_valid)
 
 
-def _natural(key: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
-    """key [B, Hk, N, D] in the natural head-dim layout (a copy when stored permuted)."""
+def _natural(key: torch.Tensor, layer: SelectionLayer | None) -> torch.Tensor:
+    """key [B, Hk, N, D] read from `layer` (None: no cache) in the natural head-dim layout (a
+    copy when the layer stores dims permuted, `SelectionLayer.key_order`)."""
     from ..kernels.indexed_attention import natural_columns
 
-    return natural_columns(key, columns)
+    return natural_columns(key, layer.key_columns if layer is not None else None)
 
 
 def _key_valid(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -350,7 +350,7 @@ class _Call:
                 cos, sin = self.ctx.state.rope(L, q.device, torch.float32)
             return indexed_prefill_attention(q, self.key, self.value, rows, col_valid, self.scale, cos, sin,
                                              self.key_columns)
-        k, v = _natural(self.key[:, :, :rows], self.key_columns), self.value[:, :, :rows]
+        k, v = _natural(self.key[:, :, :rows], self.layer), self.value[:, :, :rows]
         if self.p.compact:
             cos, sin = self.ctx.state.rope(L, q.device, q.dtype)
             k, q = rotate(k, cos, sin), rotate(q, cos[L - S:], sin[L - S:])
