@@ -1,4 +1,5 @@
 """grouped_scores: the torch reference against naive definitions, and input validation."""
+import importlib
 import itertools
 
 import pytest
@@ -83,3 +84,18 @@ def test_validation_errors(args, kwargs, match):
 def test_non_tensor_inputs():
     with pytest.raises(TypeError, match="must be torch.Tensors"):
         grouped_scores([[1.0]], torch.zeros(1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_tiles_equal_one_matmul(monkeypatch, dtype):
+    # the torch path scores SCORE_TILE tokens at a time: several full tiles and a partial one,
+    # over a strided column slice (FASA's K[..., :d]), must give the whole product
+    module = importlib.import_module("tokaccel.kernels.grouped_scores")  # the package's name is the op
+    q, k = make_qk(2, 6, 3, 40, 64, dtype, seed=7)
+    keys = k[..., :32]
+    q = q[..., :32].contiguous()
+    whole = grouped_scores_reference(q, keys, 0.3)
+    monkeypatch.setattr(module, "SCORE_TILE", 16)
+    tiled = grouped_scores_reference(q, keys, 0.3)
+    assert_close(tiled, whole, dtype=torch.float32)
+    assert_close(tiled, naive_repeat_kv(q, keys, 0.3), dtype=torch.float32)

@@ -1,0 +1,57 @@
+"""Does scoring in token tiles beat one matmul over the whole cache on this CPU?
+
+`tokaccel.kernels.grouped_scores_reference` (TokenSelect's flat scorer, and FASA's through
+`fc_scores`) multiplies the [G, D] queries of each KV head by K^T in tiles of SCORE_TILE tokens.
+This times both ways, interleaved, for the full keys in fp32 and bf16 and for FASA's strided
+d-column slice, on SmolLM2's and Gemma-3's decode shapes.
+
+Run: python benchmarks/score_tiles.py [--n 32768,131072 --tile 4096 --repeats 15 --threads 1]
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+SHAPES = {"smollm2": (3, 3, 64, 16), "gemma3-global": (1, 4, 256, 64)}  # Hk, G, D, FASA's d
+
+
+def scores(q: torch.Tensor, k: torch.Tensor, tile: int | None) -> torch.Tensor:
+    """[1, Hk, G, N] fp32 logits, in one matmul (tile None) or tile by tile."""
+    if tile is None:
+        return torch.matmul(q, k.float().transpose(-1, -2))
+    out = q.new_empty(*q.shape[:3], k.shape[2])
+    for a in range(0, k.shape[2], tile):
+        b = min(a + tile, k.shape[2])
+        torch.matmul(q, k[:, :, a:b].float().transpose(-1, -2), out=out[..., a:b])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", default="32768,131072")
+    parser.add_argument("--tile", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"median ms of {args.repeats} interleaved runs, {args.threads} thread(s), tile = {args.tile} tokens")
+    print("| shape | N | keys | one matmul | tiled | speedup |\n|---|---:|---|---:|---:|---:|")
+    for name, (Hk, G, D, d) in SHAPES.items():
+        for n in map(int, args.n.split(",")):
+            keys = torch.randn(1, Hk, n, D)
+            q = torch.randn(1, Hk, G, D)
+            cases = {"fp32": (q, keys), "bf16": (q, keys.bfloat16()), f"fp32 [..., :{d}] (FASA)": (q[..., :d].contiguous(), keys[..., :d])}
+            runs = {(case, tile): [] for case in cases for tile in (None, args.tile)}
+            for _ in range(args.repeats):
+                for case, tile in runs:
+                    start = time.perf_counter()
+                    scores(*cases[case], tile)
+                    runs[case, tile].append(time.perf_counter() - start)
+            for case in cases:
+                whole, tiled = (statistics.median(runs[case, t]) * 1e3 for t in (None, args.tile))
+                print(f"| {name} | {n} | {case} | {whole:.2f} | {tiled:.2f} | {whole / tiled:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
