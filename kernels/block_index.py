@@ -27,6 +27,7 @@ import torch
 
 from .dispatch import HAS_TRITON, register_op
 from .grouped_scores import grouped_scores_reference
+from .indexed_attention import gather_rows
 
 __all__ = ["block_summaries", "block_summaries_reference", "block_bound_scores", "block_bound_scores_reference",
            "block_token_scores", "block_token_scores_reference"]
@@ -123,10 +124,10 @@ def block_token_scores_reference(q: torch.Tensor, keys: torch.Tensor, blocks: to
                                  scale: float = 1.0) -> torch.Tensor:
     """Torch reference of :func:`block_token_scores`: gathers the chosen blocks' keys
     ([B, Hk, M * T, D], the part of the cache read) and scores them like ``grouped_scores``."""
-    B, Hk, N, D = keys.shape
+    N = keys.shape[2]
     rows = block_token_rows(blocks, block)
     inside = rows < N
-    gathered = keys.gather(2, rows.clamp(0, max(N - 1, 0))[:, None, :, None].expand(B, Hk, -1, D))
+    gathered = gather_rows(keys, rows.clamp(0, max(N - 1, 0)))  # one index_select over cache rows
     out = grouped_scores_reference(q.to(keys.dtype), gathered, float(scale))
     return out.masked_fill_(~inside[:, None], float("-inf"))
 
