@@ -4,7 +4,9 @@ Shapes (notation of METHODS.md): ``B`` batch, ``H`` query heads, ``Hk`` KV heads
 ``N`` cached tokens, ``L`` selected tokens, ``D`` head dim, ``P >= L`` rope table rows.
 
     q        [B, H, D]        one query per head (pre-RoPE when cos/sin are given)
-    k, v     [B, Hk, N, D]    the cache, NOT repeated for GQA (pre-RoPE keys when cos/sin are given)
+    k, v     [B, Hk, N, D]    the cache, NOT repeated for GQA (pre-RoPE keys when cos/sin are given);
+                              k may also be column tiles [B, Hk, D/w, N, w] (`SelectionLayer.key_tile`,
+                              torch path only): tile t holds columns [t*w, (t+1)*w) of every row
     idx      [B, L] int64     cache rows to read, one set per batch row shared by all heads
     start    [B] int64        columns < start[b] are padding (index sets are left-aligned)
     cos, sin [P, D] fp32      optional rope table ("compact" positions): column j is rotated to
@@ -33,7 +35,23 @@ from .dispatch import HAS_TRITON, register_op
 __all__ = ["indexed_decode_attention", "indexed_decode_attention_reference",
            "check_indexed_decode_attention_inputs", "indexed_prefill_attention",
            "indexed_prefill_attention_reference", "check_indexed_prefill_attention_inputs",
-           "gather_rows", "natural_columns", "rotate_rows"]
+           "gather_rows", "natural_columns", "rotate_rows", "key_shape", "untile_keys"]
+
+
+def key_shape(k: torch.Tensor) -> tuple[int, int, int, int]:
+    """(B, Hk, N, D) of keys stored as rows [B, Hk, N, D] or column tiles [B, Hk, D/w, N, w]."""
+    if k.dim() == 5:
+        B, Hk, T, N, w = k.shape
+        return B, Hk, N, T * w
+    return tuple(k.shape)
+
+
+def untile_keys(k: torch.Tensor) -> torch.Tensor:
+    """Column tiles [B, Hk, D/w, N, w] -> rows [B, Hk, N, D] (a copy); rows are returned as they are."""
+    if k.dim() != 5:
+        return k
+    B, Hk, T, N, w = k.shape
+    return k.transpose(2, 3).reshape(B, Hk, N, T * w)
 
 
 def check_indexed_decode_attention_inputs(q, k, v, idx, start, scale, cos=None, sin=None, key_columns=None) -> None:
@@ -42,11 +60,11 @@ def check_indexed_decode_attention_inputs(q, k, v, idx, start, scale, cos=None, 
     for label, t in (("q", q), ("k", k), ("v", v), ("idx", idx), ("start", start)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: {label} must be a torch.Tensor, got {type(t).__name__}")
-    if q.dim() != 3 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"{name}: expected q [B, H, D], k = v [B, Hk, N, D]; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dim() != 3 or k.dim() not in (4, 5) or tuple(v.shape) != key_shape(k):
+        raise ValueError(f"{name}: expected q [B, H, D], k = v [B, Hk, N, D] (or k [B, Hk, D/w, N, w]); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     B, H, D = q.shape
-    if k.shape[0] != B or k.shape[3] != D or k.shape[1] == 0 or H % k.shape[1]:
+    if k.shape[0] != B or key_shape(k)[3] != D or k.shape[1] == 0 or H % k.shape[1]:
         raise ValueError(f"{name}: q {tuple(q.shape)} does not match k {tuple(k.shape)} (H must be a multiple of Hk)")
     if idx.dim() != 2 or idx.shape[0] != B or idx.dtype != torch.long:
         raise ValueError(f"{name}: idx must be int64 [B, L], got {idx.dtype} {tuple(idx.shape)}")
@@ -64,11 +82,11 @@ def check_indexed_prefill_attention_inputs(q, k, v, idx, col_valid, scale, cos=N
             raise TypeError(f"{name}: {label} must be a torch.Tensor, got {type(t).__name__}")
     if col_valid is not None and not isinstance(col_valid, torch.Tensor):
         raise TypeError(f"{name}: col_valid must be a torch.Tensor or None, got {type(col_valid).__name__}")
-    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"{name}: expected q [B, H, S, D], k = v [B, Hk, N, D]; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dim() != 4 or k.dim() not in (4, 5) or tuple(v.shape) != key_shape(k):
+        raise ValueError(f"{name}: expected q [B, H, S, D], k = v [B, Hk, N, D] (or k [B, Hk, D/w, N, w]); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     B, H, S, D = q.shape
-    if k.shape[0] != B or k.shape[3] != D or k.shape[1] == 0 or H % k.shape[1]:
+    if k.shape[0] != B or key_shape(k)[3] != D or k.shape[1] == 0 or H % k.shape[1]:
         raise ValueError(f"{name}: q {tuple(q.shape)} does not match k {tuple(k.shape)} (H must be a multiple of Hk)")
     if idx.dim() != 2 or idx.shape[0] != B or idx.dtype != torch.long:
         raise ValueError(f"{name}: idx must be int64 [B, L], got {idx.dtype} {tuple(idx.shape)}")
@@ -106,12 +124,19 @@ def _check_common(name, q, k, v, idx, scale, cos, sin, extra, key_columns=None) 
 
 
 def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows idx [B, L] of t [B, Hk, N, D] -> [B, Hk, L, D] (only the selected rows are copied).
+    """Rows idx [B, L] of t [B, Hk, N, D] (or column tiles [B, Hk, D/w, N, w]) -> [B, Hk, L, D]
+    (only the selected rows are copied).
 
     When t's rows are contiguous D-vectors (a cache tensor or a prefix view of a cache buffer),
     t is seen as one [rows, D] matrix and gathered with a single `index_select` along dim 0:
     about 5x faster on CPU than `index_select` along dim 2 (SmolLM2 shape, 2688 of 32K rows).
+    Tiles are gathered the same way, as Hk * D/w heads of w-wide rows, then put side by side.
     """
+    if t.dim() == 5:
+        B, Hk, T, N, w = t.shape
+        L = idx.shape[1]
+        tiles = gather_rows(t.flatten(1, 2), idx)  # [B, Hk * T, L, w]
+        return tiles.reshape(B, Hk, T, L, w).transpose(2, 3).reshape(B, Hk, L, T * w)
     B, Hk, N, D = t.shape
     L = idx.shape[1]
     s0, s1, s2, s3 = t.stride()
@@ -218,6 +243,9 @@ def indexed_decode_attention(
     softmaxes; partial rotary (R < D) runs the reference.
     """
     check_indexed_decode_attention_inputs(q, k, v, idx, start, scale, cos, sin, key_columns)
+    if k.dim() == 5:
+        _tiles_on_torch(backend)
+        return indexed_decode_attention_reference(q, k, v, idx, start, float(scale), cos, sin, key_columns)
     return _OP(q, k, v, idx, start, float(scale), cos, sin, key_columns, backend=backend)
 
 
@@ -241,4 +269,14 @@ def indexed_prefill_attention(
     partial rotary (R < D) runs the reference.
     """
     check_indexed_prefill_attention_inputs(q, k, v, idx, col_valid, scale, cos, sin, key_columns)
+    if k.dim() == 5:
+        _tiles_on_torch(backend)
+        return indexed_prefill_attention_reference(q, k, v, idx, col_valid, float(scale), cos, sin, key_columns)
     return _PREFILL_OP(q, k, v, idx, col_valid, float(scale), cos, sin, key_columns, backend=backend)
+
+
+def _tiles_on_torch(backend: Optional[str]) -> None:
+    """Column-tiled keys (a CPU layout) are read by the torch path only."""
+    if backend == "triton":
+        raise ValueError("column-tiled keys [B, Hk, D/w, N, w] are read by the torch path only; the Triton "
+                         "kernels read rows [B, Hk, N, D]")

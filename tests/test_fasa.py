@@ -12,7 +12,7 @@ import tokaccel
 from tokaccel.cache import SelectionLayer
 from tokaccel.calibrate import calibrate_fasa, fc_dims, fc_overlap, save_calibration
 from tokaccel.policies import FASA, TokenSelect
-from tokaccel.kernels.indexed_attention import natural_columns
+from tokaccel.kernels.indexed_attention import natural_columns, untile_keys
 from tokaccel.policies.fasa import dominant_first
 
 from .conftest import tiny_model
@@ -138,23 +138,35 @@ def test_dominant_first_orders_each_heads_dims():
     assert torch.equal(order.sort(dim=1).values, torch.arange(D).expand(2, D))
 
 
-def test_cache_stores_each_heads_dominant_dims_first_and_nothing_else():
+@pytest.mark.parametrize("n_fc", [2, 3])
+def test_cache_stores_each_heads_dominant_dims_first_and_nothing_else(n_fc):
     """Original positions, layer 0 dense: layer 1's prompt keys are the dense run's keys, stored
-    with each head's dominant dims first (the scorer's contiguous slice); un-permuted they equal
-    the dense keys exactly, and the layer holds only its K and V buffers."""
+    with each head's dominant dims first; on CPU, when d = 2 * n_fc divides D (n_fc=2: d=4), as
+    D/d column tiles whose first is the scorer's contiguous [N, d] block, else (n_fc=3: d=6) as
+    rows with the dims leading. Untiled and un-permuted they equal the dense keys exactly, and the
+    layer holds only its K and V buffers."""
     model, batch = tiny_model("llama"), _batch()
     *_, dense_cache = _run(model, batch, steps=2, forward=False)
     cal = _calibration()
-    with tokaccel.patched(model, FASA(k=6, position_mode="original", calibration=cal, **SMALL)):
+    with tokaccel.patched(model, FASA(k=6, n_fc=n_fc, position_mode="original", calibration=cal, **SMALL)):
         *_, cache = _run(model, batch, steps=2, forward=False)
         assert tokaccel.stats(model)["scored_keys"] > 0
-    layer, n = cache.layers[1], batch["input_ids"].shape[1]
+    layer, n, d = cache.layers[1], batch["input_ids"].shape[1], 2 * n_fc
     dense = dense_cache.layers[1].keys[:, :, :n]
-    dims = torch.tensor([fc_dims(fcs, D, "hf") for fcs in cal["dominant_fcs"][1]])
+    fcs = cal["dominant_fcs"][1] if n_fc == cal["n_fc"] else \
+        [torch.tensor(row).topk(n_fc).indices.tolist() for row in cal["overlap"][1]]  # FASA's re-ranking
+    dims = torch.tensor([fc_dims(f, D, "hf") for f in fcs])
     assert torch.equal(layer.key_order, dominant_first(dims, D))
-    assert torch.equal(natural_columns(layer.keys, layer.key_columns)[:, :, :n], dense)
-    assert torch.equal(layer.keys[:, :, :n, :4], dense.gather(3, dims[None, :, None].expand(2, 2, n, 4)))
-    held = [v for v in vars(layer).values() if isinstance(v, torch.Tensor) and v.dim() == 4]
+    assert torch.equal(natural_columns(untile_keys(layer.keys), layer.key_columns)[:, :, :n], dense)
+    if n_fc == 2:
+        assert layer.key_tile == d and layer.keys.shape[:3] == (2, 2, D // d) and layer.keys.shape[-1] == d
+        leading = layer.keys[:, :, 0, :n]
+        assert leading.stride()[-2:] == (d, 1)  # one contiguous [N, d] block per head
+    else:
+        assert layer.key_tile is None and layer.keys.dim() == 4
+        leading = layer.keys[:, :, :n, :d]
+    assert torch.equal(leading, dense.gather(3, dims[None, :, None].expand(2, 2, n, d)))
+    held = [v for v in vars(layer).values() if isinstance(v, torch.Tensor) and v.dim() >= 4]
     assert sum(t.untyped_storage().nbytes() for t in {t.untyped_storage().data_ptr(): t for t in held}.values()) \
         == layer.allocated_bytes()
 
@@ -226,3 +238,41 @@ def test_registered_by_name_with_a_readable_config():
     policy = make_policy("fasa:k=64,pairing=interleaved")
     assert isinstance(policy, FASA) and policy.pairing == "interleaved" and policy.k == 64
     assert "<dict for" in str(FASA(calibration=_calibration()))
+
+
+def test_column_tiled_cache_layer_appends_grows_and_edits_like_rows():
+    """SelectionLayer with key_tile: appends (past GROW, so the buffer regrows), a crop and a batch
+    edit keep exactly the keys a row layout would hold; readers untile and un-permute them."""
+    from tokaccel.cache import GROW
+    from tokaccel.kernels.indexed_attention import gather_rows, indexed_decode_attention
+
+    g = torch.Generator().manual_seed(3)
+    order = torch.stack([torch.randperm(D, generator=g) for _ in range(2)])
+    layer = SelectionLayer(pre_rope=False)
+    layer.use_key_order(order, tile=4)
+    chunks = [torch.randn(3, 2, n, D, generator=g) for n in (5, GROW, 7, 1)]
+    for chunk in chunks:
+        keys, values = layer.update(chunk, chunk + 1)
+    full = torch.cat(chunks, dim=2)
+    assert keys.shape == (3, 2, D // 4, full.shape[2], 4) and layer.get_seq_length() == full.shape[2]
+    assert torch.equal(natural_columns(untile_keys(keys), layer.key_columns), full)
+    layer.crop(-9)
+    layer.batch_select_indices(torch.tensor([2, 0]))
+    layer.update(chunks[-1][:2], chunks[-1][:2])
+    expect = torch.cat((full[[2, 0], :, :-9], chunks[-1][:2]), dim=2)
+    assert torch.equal(natural_columns(untile_keys(layer.keys), layer.key_columns), expect)
+    idx = torch.tensor([[0, 3, 8, 20], [1, 2, 5, 30]])
+    rows = expect.gather(3, order[None, :, None, :].expand(expect.shape))  # the permuted rows, untiled
+    assert torch.equal(gather_rows(layer.keys, idx), gather_rows(rows, idx))
+    q = torch.randn(2, 4, D, generator=g)
+    start = torch.zeros(2, dtype=torch.long)
+    tiled = indexed_decode_attention(q, layer.keys, layer.values, idx, start, 0.25, key_columns=layer.key_columns)
+    natural = indexed_decode_attention(q, expect, layer.values, idx, start, 0.25)
+    torch.testing.assert_close(tiled, natural, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="torch path only"):
+        indexed_decode_attention(q, layer.keys, layer.values, idx, start, 0.25, key_columns=layer.key_columns,
+                                 backend="triton")
+    with pytest.raises(ValueError, match="another head-dim order or layout"):
+        layer.use_key_order(order, tile=None)
+    with pytest.raises(ValueError, match="multiple of it"):
+        SelectionLayer(pre_rope=False).use_key_order(order, tile=6)

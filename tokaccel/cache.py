@@ -15,6 +15,11 @@ builds) for the layers a selection policy runs on; other layers are left alone. 
   its scorer reads a contiguous d-column slice). Readers un-permute with `key_columns`, the
   inverse (`tokaccel.kernels.indexed_attention.natural_columns`, or the attention kernels' own
   `key_columns`). The order is set before the first token and never changes while tokens are held.
+* `key_tile` (w, None = rows): keys may be stored as D/w column tiles, `keys` [B, Hk, D/w, N, w]
+  (tile t holds stored columns [t*w, (t+1)*w) of every token), so FASA's leading d = w columns
+  are one contiguous [N, d] block per head instead of a strided slice of the rows (on this CPU a
+  strided slice costs about as much to read as the whole K). The token axis stays dim -2, so
+  HF's crop / batch edits work unchanged; readers see 5-D keys and untile what they read.
 * `selection` holds the policy's per-sequence state (the selection cache) and `block_index` a
   hierarchical policy's per-block key summaries (`tokaccel.blocks.BlockIndex`, small tensors
   beside K, never a copy of it); any batch or length edit (crop, reorder, reset) drops both.
@@ -67,6 +72,7 @@ class SelectionLayer(DynamicLayer):
         self.block_index: Any = None
         self.key_order: torch.Tensor | None = None  # [Hk, D] long: stored column j of head h holds dim [h, j]
         self.key_columns: torch.Tensor | None = None  # [Hk, D] long, the inverse: dim i of head h at column [h, i]
+        self.key_tile: int | None = None  # w: keys stored [B, Hk, D/w, N, w]; None: [B, Hk, N, D]
         self._order_given: torch.Tensor | None = None
         self._kbuf: torch.Tensor | None = None
         self._vbuf: torch.Tensor | None = None
@@ -76,7 +82,7 @@ class SelectionLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append [B, Hk, S, D] keys (un-rotated first when `pre_rope`) and values; returns the
-        views (keys, values) [B, Hk, N, D] of everything stored."""
+        views (keys, values) of everything stored: [B, Hk, N, D], keys [B, Hk, D/w, N, w] when tiled."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.pre_rope:
@@ -91,25 +97,31 @@ class SelectionLayer(DynamicLayer):
                 self.key_order, self.key_columns = self.key_order.to(key_states.device), \
                     self.key_columns.to(key_states.device)
             key_states = key_states.gather(3, self.key_order[None, :, None, :].expand(key_states.shape))
+        if self.key_tile is not None:
+            key_states = key_states.unflatten(3, (-1, self.key_tile)).transpose(2, 3)  # [B, Hk, T, S, w]
         self.keys, self._kbuf = _append(self.keys, self._kbuf, key_states)
         self.values, self._vbuf = _append(self.values, self._vbuf, value_states)
         return self.keys, self.values
 
-    def use_key_order(self, order: torch.Tensor | None) -> None:
+    def use_key_order(self, order: torch.Tensor | None, tile: int | None = None) -> None:
         """Store keys with head dims in `order` ([Hk, D] long, each row a permutation; None =
-        natural). Raises ValueError if tokens are already held in another order."""
-        if order is self._order_given:
+        natural), in column tiles of width `tile` (None: rows; see the module docstring). Raises
+        ValueError if tokens are already held in another layout."""
+        if order is self._order_given and tile == self.key_tile:
             return
         if self.get_seq_length() > 0:
             held = self.key_order
-            same = (held is None) == (order is None) and (
+            same = (held is None) == (order is None) and tile == self.key_tile and (
                 order is None or (held.shape == order.shape and torch.equal(held.cpu(), order.cpu())))
             if not same:
-                raise ValueError("this cache layer holds keys stored in another head-dim order (written by "
-                                 "another policy or configuration); start from a new cache")
+                raise ValueError("this cache layer holds keys stored in another head-dim order or layout (written "
+                                 "by another policy or configuration); start from a new cache")
+        if tile is not None and (order is None or order.shape[1] % tile):
+            raise ValueError(f"key_tile={tile} needs a key order whose head dim is a multiple of it")
         self._order_given = order
         self.key_order = order
         self.key_columns = None if order is None else order.argsort(dim=1)
+        self.key_tile = tile
 
     def allocated_bytes(self) -> int:
         """Bytes held by the K and V buffers (stored tokens plus at most GROW tokens of headroom)."""
@@ -139,19 +151,20 @@ class SelectionLayer(DynamicLayer):
 
 
 def _append(view: torch.Tensor, buf: torch.Tensor | None, new: torch.Tensor):
-    """Write `new` after `view` (a prefix of `buf` along dim -2); returns the new (view, buf)."""
-    n, s = (view.shape[-2] if view.dim() == 4 else 0), new.shape[-2]
-    ours = (buf is not None and view.dim() == 4 and view.data_ptr() == buf.data_ptr()
-            and view.shape[:2] == buf.shape[:2] and view.stride() == buf.stride())
+    """Write `new` after `view` (a prefix of `buf` along the token axis, dim -2); returns the new
+    (view, buf)."""
+    n, s = (view.shape[-2] if view.dim() == new.dim() else 0), new.shape[-2]
+    ours = (buf is not None and view.dim() == new.dim() and view.data_ptr() == buf.data_ptr()
+            and view.shape[:-2] == buf.shape[:-2] and view.stride() == buf.stride())
     if not ours:  # first append, or keys/values were replaced by someone else: adopt them
-        buf = view if view.dim() == 4 else None
-    if buf is None or buf.shape[-2] < n + s or buf.shape[:2] != new.shape[:2]:
-        grown = new.new_empty(*new.shape[:2], n + s + GROW, new.shape[-1])
+        buf = view if view.dim() == new.dim() else None
+    if buf is None or buf.shape[-2] < n + s or buf.shape[:-2] != new.shape[:-2]:
+        grown = new.new_empty(*new.shape[:-2], n + s + GROW, new.shape[-1])
         if n:
-            grown[:, :, :n].copy_(view)
+            grown[..., :n, :].copy_(view)
         buf = grown
-    buf[:, :, n:n + s].copy_(new)
-    return buf[:, :, :n + s], buf
+    buf[..., n:n + s, :].copy_(new)
+    return buf[..., :n + s, :], buf
 
 
 def install_selection_layer(cache: Cache, layer_idx: int, pre_rope: bool, rope_scaling: float = 1.0) -> SelectionLayer:

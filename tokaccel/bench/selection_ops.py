@@ -91,13 +91,17 @@ def selection_setup(case: OpCase) -> OpBench | None:
     q = x.q if case.phase != "prefill_chunk" else x.q_chunk
     layer = SelectionLayer(pre_rope=policy.compact)
     ctx = _context(policy, case, q.shape[2], layer)
+    keys = x.k
     if isinstance(policy, FASA):  # dims a calibration would give: which ones does not change the cost
         ctx.state = _bench_fasa_state(policy, case, ctx.state)
-        layer.use_key_order(ctx.state.order)
+        tile = policy.key_tile(ctx, case.device)
+        layer.use_key_order(ctx.state.order, tile)
+        if tile is not None:  # the cache's column tiles (random keys: their dim order is immaterial)
+            keys = x.k.unflatten(3, (-1, tile)).transpose(2, 3).contiguous()
     module, scale = ctx.module, ctx.module.scaling
 
     def total():
-        return policy.attend(ctx, module, q, x.k, x.v, None, scaling=scale)
+        return policy.attend(ctx, module, q, keys, x.v, None, scaling=scale)
 
     # the un-rotated query the pieces start from, as attend computes it
     q_in = q
@@ -105,7 +109,7 @@ def selection_setup(case: OpCase) -> OpBench | None:
         from ..rope import unrotate
 
         q_in = unrotate(q, *ctx.inputs["position_embeddings"], ctx.state.rope.scaling)
-    call = _Call(policy, ctx, q_in, x.k, x.v, None, scale, layer)
+    call = _Call(policy, ctx, q_in, keys, x.v, None, scale, layer)
     if case.phase == "prefill_chunk":
         if type(policy).choose is not TokenSelect.choose:
             return None  # not implemented for HISA / Quest: their miss step is what the issue measures
@@ -140,8 +144,8 @@ def _decode_bench(case, policy, call, layer, total) -> OpBench:
     q_bytes = case.batch * case.shape.num_heads * case.shape.head_dim * case.itemsize
     read_bytes = kv_bytes(case, L) + q_bytes
     score_bytes = kv_bytes(case, end - policy.n_init, values=False) + q_bytes
-    parts = {"attention": lambda: indexed_decode_attention(call.query[:, :, 0], x.k, x.v, idx, start, call.scale, cos, sin,
-                                                           call.key_columns)}
+    parts = {"attention": lambda: indexed_decode_attention(call.query[:, :, 0], call.key, x.v, idx, start, call.scale,
+                                                           cos, sin, call.key_columns)}
     bytes_read = {"attention": read_bytes}
     B, H, D = case.batch, case.shape.num_heads, case.shape.head_dim
     flops = {"attention": 4 * B * H * L * D}

@@ -9,11 +9,15 @@ prefill, sparse full-dim attention, position modes): this class only replaces th
 (`choose`). Layer 0 stays dense (`dense_layers`), as in the paper.
 
 Store/read: the cache stores each KV head's key dims permuted, its d = 2 * n_fc dominant dims
-first (`SelectionLayer.key_order`, set before the first token), so the scorer reads the
-contiguous slice K[..., :d] of each row: d/D of the key bytes (25% at the default n_fc = D/8),
-with no second copy of any key. Attention un-permutes the rows it reads (the indexed attention
-kernels take the inverse, `key_columns`; dense fallbacks copy the context back to the natural
-layout, only while it fits the budget).
+first (`SelectionLayer.key_order`, set before the first token), so the scorer reads d / D of the
+key bytes (25% at the default n_fc = D/8), with no second copy of any key. On a GPU the keys stay
+rows and the scorer reads the slice K[..., :d] (whole 32-byte sectors). On CPU, when d divides D,
+they are stored as D/d column tiles (`SelectionLayer.key_tile`): the dominant dims of all tokens
+are one contiguous [N, d] block per head, because a strided slice of the rows costs a CPU about as
+much to read as the whole K (hardware prefetch; `benchmarks/strided_slice_read.py`). Attention
+un-permutes (and untiles) the rows it reads (the indexed attention kernels take the inverse,
+`key_columns`; dense fallbacks copy the context back to the natural layout, only while it fits
+the budget).
 
 Differences from the paper, and why: the selector is TokenSelect's soft vote with one index set
 per layer (the paper ranks by the raw partial score per head); the FC pairing is HF's
@@ -146,6 +150,11 @@ class FASA(TokenSelect):
     def key_order(self, ctx) -> torch.Tensor:
         return ctx.state.order
 
+    def key_tile(self, ctx, device) -> int | None:
+        """d on CPU when it divides D (the dominant dims in a contiguous tile), else None (rows)."""
+        d, D = ctx.state.dims.shape[1], ctx.state.order.shape[1]
+        return d if device is not None and device.type == "cpu" and d < D and D % d == 0 else None
+
     def choose(self, call, q, start, end, valid, query_valid=None):
         """Soft vote of the partial scores q[dims] . K[dims] of candidates [start, end); see
         TokenSelect.choose."""
@@ -156,7 +165,9 @@ class FASA(TokenSelect):
         if dims.device != q.device:
             dims = call.ctx.state.dims = dims.to(q.device)
         d = dims.shape[1]
-        if call.key_columns is not None:  # the cache stores the dominant dims first
+        if call.key.dim() == 5:  # column tiles: the first holds the dominant dims of every token
+            keys_dom = call.key[:, :, 0, start:end]  # [B, Hk, n, d], contiguous rows
+        elif call.key_columns is not None:  # rows with the dominant dims first
             keys_dom = call.key[:, :, start:end, :d]  # [B, Hk, n, d], rows strided by D
         else:  # no cache (use_cache=False): this call's keys in the natural layout
             keys = call.key[:, :, start:end]

@@ -161,7 +161,7 @@ class TokenSelect(Policy):
                 return  # a sliding-window layer (e.g. Mistral's): it stays dense, see attend()
             scaling = ctx.state.rope.scaling if self.compact else 1.0
             layer = install_selection_layer(cache, layer_idx, self.compact, scaling)
-            layer.use_key_order(self.key_order(ctx))
+            layer.use_key_order(self.key_order(ctx), self.key_tile(ctx, _device_of(args, kwargs)))
             if self.compact:
                 if kwargs.get("position_embeddings") is None:
                     raise NotImplementedError(f"{self.name}: {type(module).__name__} is called without "
@@ -172,6 +172,10 @@ class TokenSelect(Policy):
 
     def key_order(self, ctx: LayerContext) -> torch.Tensor | None:
         """[Hk, D] long: the head-dim order the layer's cache stores keys in (None: natural)."""
+        return None
+
+    def key_tile(self, ctx: LayerContext, device: torch.device) -> int | None:
+        """Width of the column tiles the layer's cache stores keys in on `device` (None: rows)."""
         return None
 
     # ------------------------------------------------------------------ attention
@@ -186,7 +190,7 @@ class TokenSelect(Policy):
         idx = ctx.info.layer_idx
         layer = cache.layers[idx] if cache is not None and idx < len(cache.layers) else None
         layer = layer if isinstance(layer, SelectionLayer) else None
-        S, D, N = query.shape[2], query.shape[3], key.shape[2]
+        S, D, N = query.shape[2], query.shape[3], key.shape[-2]  # key: rows or column tiles (FASA on CPU)
         q_pre = None
         if self.compact:
             cos, sin = ctx.inputs["position_embeddings"]
@@ -218,7 +222,7 @@ class TokenSelect(Policy):
         P-token prefix and its own ancestors, and must get what sequential decoding would have
         computed there: the selection cache it would have had (its parent's), its own selection on a
         miss, positions 0..P+d in compact mode. Per-node states are kept for `commit_tree`."""
-        S, N = query.shape[2], key.shape[2]
+        S, N = query.shape[2], key.shape[-2]
         P = N - S
         if attention_mask is not None and not bool(attention_mask[0, 0, 0, :P].all()):
             raise NotImplementedError(f"{self.name}: tree verification with padding in the prompt is not supported")
@@ -273,11 +277,18 @@ class TokenSelect(Policy):
 
 
 def _natural(key: torch.Tensor, layer: SelectionLayer | None) -> torch.Tensor:
-    """key [B, Hk, N, D] read from `layer` (None: no cache) in the natural head-dim layout (a
-    copy when the layer stores dims permuted, `SelectionLayer.key_order`)."""
-    from ..kernels.indexed_attention import natural_columns
+    """key read from `layer` (None: no cache) as rows [B, Hk, N, D] in the natural head-dim layout
+    (a copy when the layer stores dims permuted or in column tiles, `SelectionLayer.key_order` /
+    `key_tile`)."""
+    from ..kernels.indexed_attention import natural_columns, untile_keys
 
-    return natural_columns(key, layer.key_columns if layer is not None else None)
+    return natural_columns(untile_keys(key), layer.key_columns if layer is not None else None)
+
+
+def _device_of(args: tuple, kwargs: dict) -> torch.device | None:
+    """The device of an attention module's call (its hidden states)."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    return hidden.device if isinstance(hidden, torch.Tensor) else None
 
 
 def _key_valid(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -331,7 +342,7 @@ class _Call:
     def count_scored(self, tokens: int) -> None:
         """Account `tokens` keys read (per batch row) to score candidates."""
         self.ctx.stats["scored_keys"] += self.query.shape[0] * tokens
-        self.ctx.stats["kv_bytes_read"] += self.query.shape[0] * tokens * self.key.shape[1] * self.key.shape[3] * \
+        self.ctx.stats["kv_bytes_read"] += self.query.shape[0] * tokens * self.key.shape[1] * self.query.shape[-1] * \
             self.key.element_size()
 
     def _read(self, rows: torch.Tensor | int, q: torch.Tensor, col_valid: torch.Tensor | None) -> torch.Tensor:
@@ -350,7 +361,7 @@ class _Call:
                 cos, sin = self.ctx.state.rope(L, q.device, torch.float32)
             return indexed_prefill_attention(q, self.key, self.value, rows, col_valid, self.scale, cos, sin,
                                              self.key_columns)
-        k, v = _natural(self.key[:, :, :rows], self.layer), self.value[:, :, :rows]
+        k, v = _natural(self.key[..., :rows, :], self.layer), self.value[:, :, :rows]
         if self.p.compact:
             cos, sin = self.ctx.state.rope(L, q.device, q.dtype)
             k, q = rotate(k, cos, sin), rotate(q, cos[L - S:], sin[L - S:])
@@ -364,7 +375,7 @@ class _Call:
     # -- decode --------------------------------------------------------------------------
     def decode(self, layer: SelectionLayer | None) -> torch.Tensor:
         p, stats = self.p, self.ctx.stats
-        N = self.key.shape[2]
+        N = self.key.shape[-2]
         f = self._scoring_query(self.query[:, :, 0])  # [B, H, D]
         flat = f.reshape(f.shape[0], -1).float()
         state = layer.selection if layer is not None else None
@@ -387,7 +398,7 @@ class _Call:
         the tree's nodes last), each decoded as a sequential step over the prefix and its ancestors
         (rows P + ancestor index). -> (out [1, S, H, D], selection state after each node)."""
         p = self.p
-        S, N_all = self.query.shape[2], self.key.shape[2]
+        S, N_all = self.query.shape[2], self.key.shape[-2]
         P = N_all - S
         device = self.query.device
         parent, depth = tree.parent.tolist(), tree.depth.tolist()
@@ -427,7 +438,7 @@ class _Call:
         start = L - valid.sum(1)
         query = self.query[:, :, 0] if query is None else query
         out = indexed_decode_attention(query, self.key, self.value, idx, start, self.scale, cos, sin, self.key_columns)
-        self.ctx.stats.record_read(idx.shape[0], 1, L, self.key.shape[1], self.key.shape[3], self.key.element_size())
+        self.ctx.stats.record_read(idx.shape[0], 1, L, self.key.shape[1], query.shape[-1], self.key.element_size())
         return out[:, None]
 
     # -- prefill ---------------------------------------------------------------------------
@@ -435,7 +446,7 @@ class _Call:
         p = self.p
         q_all = self.query
         S = q_all.shape[2]
-        past = self.key.shape[2] - S
+        past = self.key.shape[-2] - S
         outs = []
         start = 0
         if p.dense_fallback:  # leading chunks whose preceding context fits the budget: one dense read
@@ -453,7 +464,7 @@ class _Call:
     def _prefill_chunk(self, q_all: torch.Tensor, a: int, b: int, last: bool) -> torch.Tensor:
         """Queries at cache positions [a, b) read `sinks ∪ top-k ∪ local` of [0, a) and [a, b) causally."""
         p = self.p
-        past = self.key.shape[2] - q_all.shape[2]
+        past = self.key.shape[-2] - q_all.shape[2]
         q = q_all[:, :, a - past:b - past]  # [B, H, c, D]
         q_valid = self.key_valid[:, a:b] if self.key_valid is not None else None
         if last and p.tail:
