@@ -1,9 +1,10 @@
 """Does scoring in token tiles beat one matmul over the whole cache on this CPU?
 
 `tokaccel.kernels.grouped_scores_reference` (TokenSelect's flat scorer, and FASA's through
-`fc_scores`) multiplies the [G, D] queries of each KV head by K^T in tiles of SCORE_TILE tokens.
-This times both ways, interleaved, for the full keys in fp32 and bf16 and for FASA's strided
-d-column slice, on SmolLM2's and Gemma-3's decode shapes.
+`fc_scores`) multiplies the [G, D] queries of each KV head by K^T; half-precision keys in tiles of
+SCORE_TILE tokens, each upcast to fp32 on its own. This times one matmul against tiles,
+interleaved, for the full keys in fp32 and bf16 and for a strided d-column slice (FASA's rows
+layout), on the SmolLM2, Gemma-3 and Llama-3-8B decode shapes.
 
 Run: python benchmarks/score_tiles.py [--n 32768,131072 --tile 4096 --repeats 15 --threads 1]
 """
@@ -13,7 +14,7 @@ import time
 
 import torch
 
-SHAPES = {"smollm2": (3, 3, 64, 16), "gemma3-global": (1, 4, 256, 64)}  # Hk, G, D, FASA's d
+SHAPES = {"smollm2": (3, 3, 64, 16), "gemma3-global": (1, 4, 256, 64), "llama3-8b": (8, 4, 128, 32)}  # Hk, G, D, FASA's d
 
 
 def scores(q: torch.Tensor, k: torch.Tensor, tile: int | None) -> torch.Tensor:

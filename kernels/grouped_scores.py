@@ -51,11 +51,12 @@ def check_grouped_scores_inputs(q: torch.Tensor, k: torch.Tensor, scale=None) ->
         raise ValueError(f"{name}: scale must be None or a real number, got {scale!r}")
 
 
-# Tokens per matmul of the torch path. Scoring in tiles of this many keys keeps each tile's fp32
-# copy of half-precision keys in cache instead of writing a full-length fp32 copy of K per call,
-# and avoids MKL's slow path for skinny [G, D] x [D, N] products at large N. Measured on the 2-core
-# CPU, 1 thread (`python benchmarks/score_tiles.py`): bf16 keys 1.3x faster at 32K on SmolLM2's
-# shape, 4.5-6x at 32K-128K on Gemma's and at 128K on SmolLM2's; fp32 keys 0.9-1.5x.
+# Tokens per matmul of the torch path for half-precision keys: each tile is upcast to fp32 on its
+# own (CPU matmul has no fp32-output half matmul), so no full-length fp32 copy of K is written per
+# call; that copy cost more than the product itself. Measured on the 2-core CPU
+# (`python benchmarks/score_tiles.py`, 1 and 2 threads): bf16 keys 1.3-6.6x faster at 32K-128K on
+# the SmolLM2, Gemma-3 and Llama-3-8B decode shapes. fp32 keys stay one matmul: tiling them gains
+# at most 1.4x with 1 thread and loses up to 2x with 2 (MKL threads one large product better).
 SCORE_TILE = 4096
 
 
@@ -63,14 +64,13 @@ def grouped_scores_reference(q: torch.Tensor, k: torch.Tensor, scale: Optional[f
     """Torch reference of :func:`grouped_scores` (also the CPU implementation).
 
     q [B, H, D], k [B, Hk, N, D] -> [B, H, N] fp32: q viewed as [B, Hk, G, D] times k^T, K never
-    repeated per query head, in tiles of SCORE_TILE tokens (half-precision keys are upcast to fp32
-    one tile at a time: CPU matmul has no fp32-output half matmul).
+    repeated per query head; half-precision keys in tiles of SCORE_TILE tokens, each upcast to fp32.
     """
     B, H, D = q.shape
     _, Hk, N, _ = k.shape
     G = H // Hk
     qg = q.reshape(B, Hk, G, D).to(torch.float32)
-    if N <= SCORE_TILE:
+    if N <= SCORE_TILE or k.dtype == torch.float32:
         scores = torch.matmul(qg, k.to(torch.float32).transpose(-1, -2))  # [B, Hk, G, N]
     else:
         scores = qg.new_empty(B, Hk, G, N)

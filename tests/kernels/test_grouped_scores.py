@@ -86,10 +86,11 @@ def test_non_tensor_inputs():
         grouped_scores([[1.0]], torch.zeros(1, 1, 1, 1))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reference_tiles_equal_one_matmul(monkeypatch, dtype):
-    # the torch path scores SCORE_TILE tokens at a time: several full tiles and a partial one,
-    # over a strided column slice (FASA's K[..., :d]), must give the whole product
+    # the torch path scores half-precision keys SCORE_TILE tokens at a time: several full tiles
+    # and a partial one, over a strided column slice (FASA's K[..., :d] on GPU), must give the
+    # whole product
     module = importlib.import_module("tokaccel.kernels.grouped_scores")  # the package's name is the op
     q, k = make_qk(2, 6, 3, 40, 64, dtype, seed=7)
     keys = k[..., :32]
