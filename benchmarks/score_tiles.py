@@ -3,8 +3,9 @@
 `tokaccel.kernels.grouped_scores_reference` (TokenSelect's flat scorer, and FASA's through
 `fc_scores`) multiplies the [G, D] queries of each KV head by K^T; half-precision keys in tiles of
 SCORE_TILE tokens, each upcast to fp32 on its own. This times one matmul against tiles,
-interleaved, for the full keys in fp32 and bf16 and for a strided d-column slice (FASA's rows
-layout), on the SmolLM2, Gemma-3 and Llama-3-8B decode shapes.
+interleaved, for the full keys in fp32 and bf16 and for FASA's d dims as a strided column slice
+of the rows (its GPU layout) and contiguous (its CPU column tile), on the SmolLM2, Gemma-3 and
+Llama-3-8B decode shapes.
 
 Run: python benchmarks/score_tiles.py [--n 32768,131072 --tile 4096 --repeats 15 --threads 1]
 """
@@ -42,7 +43,9 @@ def main() -> None:
         for n in map(int, args.n.split(",")):
             keys = torch.randn(1, Hk, n, D)
             q = torch.randn(1, Hk, G, D)
-            cases = {"fp32": (q, keys), "bf16": (q, keys.bfloat16()), f"fp32 [..., :{d}] (FASA)": (q[..., :d].contiguous(), keys[..., :d])}
+            cases = {"fp32": (q, keys), "bf16": (q, keys.bfloat16()),
+                     f"fp32 [..., :{d}] (FASA rows)": (q[..., :d].contiguous(), keys[..., :d]),
+                     f"fp32 {d} dims contiguous (FASA tiles)": (q[..., :d].contiguous(), keys[..., :d].contiguous())}
             runs = {(case, tile): [] for case in cases for tile in (None, args.tile)}
             for _ in range(args.repeats):
                 for case, tile in runs:
