@@ -17,8 +17,8 @@ builds) for the layers a selection policy runs on; other layers are left alone. 
   `key_columns`). The order is set before the first token and never changes while tokens are held.
 * `key_tile` (w, None = rows): keys may be stored as D/w column tiles, `keys` [B, Hk, D/w, N, w]
   (tile t holds stored columns [t*w, (t+1)*w) of every token), so FASA's leading d = w columns
-  are one contiguous [N, d] block per head instead of a strided slice of the rows (on this CPU a
-  strided slice costs about as much to read as the whole K). The token axis stays dim -2, so
+  are one contiguous [N, d] block per head instead of a strided slice of the rows (a CPU scores a
+  strided slice 1.4-2.2x slower, `benchmarks/score_tiles.py`). The token axis stays dim -2, so
   HF's crop / batch edits work unchanged; readers see 5-D keys and untile what they read.
 * `selection` holds the policy's per-sequence state (the selection cache) and `block_index` a
   hierarchical policy's per-block key summaries (`tokaccel.blocks.BlockIndex`, small tensors

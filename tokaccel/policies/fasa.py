@@ -13,11 +13,10 @@ first (`SelectionLayer.key_order`, set before the first token), so the scorer re
 key bytes (25% at the default n_fc = D/8), with no second copy of any key. On a GPU the keys stay
 rows and the scorer reads the slice K[..., :d] (whole 32-byte sectors). On CPU, when d divides D,
 they are stored as D/d column tiles (`SelectionLayer.key_tile`): the dominant dims of all tokens
-are one contiguous [N, d] block per head, because a strided slice of the rows costs a CPU about as
-much to read as the whole K (hardware prefetch; `benchmarks/strided_slice_read.py`). Attention
-un-permutes (and untiles) the rows it reads (the indexed attention kernels take the inverse,
-`key_columns`; dense fallbacks copy the context back to the natural layout, only while it fits
-the budget).
+are one contiguous [N, d] block per head: a CPU scores a strided slice of the rows 1.4-2.2x slower
+(`benchmarks/score_tiles.py`). Attention un-permutes (and untiles) the rows it reads (the indexed
+attention kernels take the inverse, `key_columns`; dense fallbacks copy the context back to the
+natural layout, only while it fits the budget).
 
 Differences from the paper, and why: the selector is TokenSelect's soft vote with one index set
 per layer (the paper ranks by the raw partial score per head); the FC pairing is HF's

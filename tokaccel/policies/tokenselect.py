@@ -304,7 +304,8 @@ class _Call:
     """One sparse attention call of one layer: query [B, H, S, D] and key [B, Hk, N, D] both
     un-rotated in compact mode (as HF rotated them in original mode), value [B, Hk, N, D],
     key_valid [B, N] or None. key_columns [Hk, D]: the layer stores key dims permuted (natural dim
-    i of head h at column [h, i]; `SelectionLayer.key_order`), None: natural."""
+    i of head h at column [h, i]; `SelectionLayer.key_order`), None: natural. key may also be
+    column tiles [B, Hk, D/w, N, w] (`SelectionLayer.key_tile`, FASA on CPU): hence key.shape[-2]."""
 
     def __init__(self, policy: TokenSelect, ctx: LayerContext, query, key, value, key_valid, scale, layer=None):
         self.p, self.ctx, self.layer = policy, ctx, layer  # layer: the SelectionLayer, None without a cache
