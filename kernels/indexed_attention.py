@@ -35,7 +35,7 @@ from .dispatch import HAS_TRITON, register_op
 __all__ = ["indexed_decode_attention", "indexed_decode_attention_reference",
            "check_indexed_decode_attention_inputs", "indexed_prefill_attention",
            "indexed_prefill_attention_reference", "check_indexed_prefill_attention_inputs",
-           "gather_rows", "natural_columns", "rotate_rows", "key_shape", "untile_keys"]
+           "gather_rows", "natural_columns", "rotate_rows", "key_shape", "tile_keys", "untile_keys"]
 
 
 def key_shape(k: torch.Tensor) -> tuple[int, int, int, int]:
@@ -44,6 +44,11 @@ def key_shape(k: torch.Tensor) -> tuple[int, int, int, int]:
         B, Hk, T, N, w = k.shape
         return B, Hk, N, T * w
     return tuple(k.shape)
+
+
+def tile_keys(k: torch.Tensor, w: int) -> torch.Tensor:
+    """Rows [B, Hk, N, D] -> column tiles [B, Hk, D/w, N, w] (a view; `untile_keys` inverts it)."""
+    return k.unflatten(3, (-1, w)).transpose(2, 3)
 
 
 def untile_keys(k: torch.Tensor) -> torch.Tensor:

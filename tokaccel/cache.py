@@ -98,7 +98,9 @@ class SelectionLayer(DynamicLayer):
                     self.key_columns.to(key_states.device)
             key_states = key_states.gather(3, self.key_order[None, :, None, :].expand(key_states.shape))
         if self.key_tile is not None:
-            key_states = key_states.unflatten(3, (-1, self.key_tile)).transpose(2, 3)  # [B, Hk, T, S, w]
+            from .kernels.indexed_attention import tile_keys  # lazy: keeps `import tokaccel` free of triton
+
+            key_states = tile_keys(key_states, self.key_tile)  # [B, Hk, D/w, S, w]
         self.keys, self._kbuf = _append(self.keys, self._kbuf, key_states)
         self.values, self._vbuf = _append(self.values, self._vbuf, value_states)
         return self.keys, self.values

@@ -97,7 +97,9 @@ def selection_setup(case: OpCase) -> OpBench | None:
         tile = policy.key_tile(ctx, case.device)
         layer.use_key_order(ctx.state.order, tile)
         if tile is not None:  # the cache's column tiles (random keys: their dim order is immaterial)
-            keys = x.k.unflatten(3, (-1, tile)).transpose(2, 3).contiguous()
+            from ..kernels.indexed_attention import tile_keys
+
+            keys = tile_keys(x.k, tile).contiguous()
     module, scale = ctx.module, ctx.module.scaling
 
     def total():
