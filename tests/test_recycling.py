@@ -4,7 +4,6 @@ sliding/global layers) and on both real models; EOS and max_new_tokens inside an
 logits processors; the tree templates, the matrix and the errors."""
 import pytest
 import torch
-from transformers import DynamicCache, StaticCache
 
 import tokaccel.recycling as R
 from tests.conftest import tiny_model

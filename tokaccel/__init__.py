@@ -7,10 +7,12 @@
     tokaccel.unpatch_model(model)
 
 Importing tokaccel changes nothing; only patch_model touches a model (and registers the
-"tokaccel" attention entry with transformers on first use).
+"tokaccel" attention entry with transformers on first use), and pack_linears (CPU: oneDNN-packed
+weights for every nn.Linear, undone by unpack_linears).
 """
 
 from . import policies
+from .cpu_linear import pack_linears, unpack_linears
 from .patch import get_policy, patch_model, patched, reset_stats, stats, unpatch_model
 from .policies import Policy, make_policy
 
@@ -26,4 +28,6 @@ __all__ = [
     "stats",
     "reset_stats",
     "get_policy",
+    "pack_linears",
+    "unpack_linears",
 ]

@@ -15,6 +15,11 @@ than the tokens it accepts. `tree="auto"` (default) picks, step by step, the siz
 sub-trees of the paper's 80-node tree that maximises measured (accepted + 1) / step time, with
 plain one-token steps as a candidate, so it never settles on something slower than greedy.
 
+On CPU, pack the model's linears first (`tokaccel.pack_linears(model)`, see `tokaccel.cpu_linear`):
+unpacked, a verify forward of 8 tokens costs ~1.8x a one-token step (each small-M matmul repacks
+its weight), so trees rarely pay; packed, it costs ~1.05x. `generate` warns once when a large CPU
+model is not packed.
+
 Lossless up to floating point: a tree forward computes the same logits as one-token steps only to
 rounding (fp32: ~1e-5), so an exact argmax tie can in principle break differently.
 """
@@ -25,6 +30,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from .cache import cache_kwarg, call_cache
+from .cpu_linear import available as packing_available
+from .cpu_linear import packed_count
 from .policies.base import TREE_KWARG
 
 SLOTS = 8  # candidates kept per token (columns of A)
@@ -367,14 +375,15 @@ def _calibration_key(model, device) -> str:
     patch = getattr(model, "_tokaccel_patch", None)
     policy = str(patch.policy) if patch is not None else "unpatched"
     return (f"{name}|{policy}|{type(model).__name__}|L{cfg.num_hidden_layers}|H{cfg.hidden_size}|V{cfg.vocab_size}|"
-            f"{device.type}|{str(dtype).replace('torch.', '')}|threads{torch.get_num_threads()}")
+            f"{device.type}|{str(dtype).replace('torch.', '')}|threads{torch.get_num_threads()}|"
+            f"packed{packed_count(model)}")
 
 
 @torch.no_grad()
 def calibrate(model, cache, context_len: int, sizes=AUTO_SIZES, trees=None, repeats: int = 3,
               tree_kwargs=lambda tree: {}) -> dict[int, float]:
     """Seconds of one verify forward per tree size, measured on `cache` (left as it was), median
-    of `repeats`. Results are cached per (model, device, dtype, threads) in
+    of `repeats`. Results are cached per (model, device, dtype, threads, packed linears) in
     ~/.cache/tokaccel/recycling_calibration.json (TOKACCEL_CACHE overrides the folder)."""
     device = next(model.parameters()).device
     path, key = _calibration_file(), _calibration_key(model, device)
@@ -540,6 +549,11 @@ def generate(
     cache = call_cache(model_kwargs)
     _check(model, input_ids, generation_config, cache)
     device = input_ids.device
+    if device.type == "cpu" and not packed_count(model) and packing_available() and \
+            max((m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)), default=0) >= 2 ** 20:
+        warnings.warn("token recycling on CPU: call tokaccel.pack_linears(model) once before generating; unpacked, "
+                      "a verify forward of a few tokens costs ~1.8x a one-token step and trees rarely pay "
+                      "(packing keeps a second copy of the linear weights)", stacklevel=2)
     for layer in cache.layers:  # let sliding-window layers hold a verified tree until it is compacted
         if getattr(layer, "is_sliding", False) and hasattr(layer, "activate_past_recording"):
             layer.activate_past_recording()

@@ -57,6 +57,27 @@ def test_bench_spec_smoke(tmp_path, monkeypatch):
     assert "`tokaccel bench spec --model tiny-random-llama" in (tmp_path / "bench_spec.md").read_text()
 
 
+def test_bench_spec_with_packed_linears(tmp_path, monkeypatch):
+    """--pack-linears packs every variant (baseline included), packed=0 opts one out, every output
+    still equals greedy's; bad variant options are refused."""
+    from tokaccel.bench.speculative import _variant_kwargs
+
+    monkeypatch.setenv("TOKACCEL_CACHE", str(tmp_path / "cache"))
+    argv = ["bench", "spec", "--smoke", "--pack-linears", "--variants", "recycling,greedy:packed=0",
+            "--out", str(tmp_path), "--no-progress"]
+    assert cli.main(argv) == 0
+    rows = read_rows(tmp_path / "bench_spec.csv")
+    assert {r["variant"] for r in rows} == {"greedy", "recycling", "greedy:packed=0"}
+    assert all(r["packed_linears"] == "True" and r["identical"] in ("True", "1.0") for r in rows)
+    assert "--pack-linears" in (tmp_path / "bench_spec.md").read_text()
+    assert _variant_kwargs("recycling:tree=8,packed=0", True)[2] is False
+    assert _variant_kwargs("prompt_lookup", True)[2] is True
+    for spec, match in [("greedy", "only with an option"), ("recycling:n=3", "unknown option"),
+                        ("greedy:packed=2", "packed must be 0 or 1")]:
+        with pytest.raises(ValueError, match=match):
+            _variant_kwargs(spec, False)
+
+
 def test_bench_vision_smoke(tmp_path):
     """Prefill of a small random LLaVA per vision policy and keep ratio: rows with FLOPs that drop
     with the tokens kept, a table headed by the command."""

@@ -107,7 +107,10 @@ def add_commands(subparsers) -> None:
     spec.add_argument("--model", default=None, help="embedded name (smollm2, gemma3), HF id or path, or "
                       "tiny-random-llama (default: smollm2)")
     spec.add_argument("--variants", type=_names, default=None,
-                      help="recycling[:tree=auto|paper|N], prompt_lookup[:n=10] (default: both; greedy always runs)")
+                      help="recycling[:tree=auto|paper|N], prompt_lookup[:n=10] (default: both; greedy always runs), "
+                           "each with an optional packed=0|1; greedy:packed=0|1 adds greedy with the other packing")
+    spec.add_argument("--pack-linears", action="store_true",
+                      help="pack every CPU linear (tokaccel.cpu_linear) for all variants, the greedy baseline included")
     spec.add_argument("--per-class", type=int, default=None, help="prompts per class (default: all 8)")
     spec.add_argument("--new-tokens", type=int, default=None, help="max new tokens per prompt (default: 128)")
     _common(spec)
@@ -222,7 +225,9 @@ def run_spec_command(args) -> int:
     _set(config, model=args.model if not args.smoke else None, variants=args.variants,
          per_class=None if args.smoke else args.per_class, new_tokens=None if args.smoke else args.new_tokens,
          dtype=args.dtype, device=args.device, warmup=args.warmup)
+    config.pack_linears = args.pack_linears
     command = _command(args, [("--model", config.model), ("--variants", config.variants),
+                              ("--pack-linears", config.pack_linears),
                               ("--per-class", config.per_class), ("--new-tokens", config.new_tokens),
                               ("--dtype", config.dtype), ("--device", args.device), ("--warmup", config.warmup),
                               ("--threads", torch.get_num_threads()), ("--smoke", args.smoke), ("--out", args.out)])

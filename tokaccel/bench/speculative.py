@@ -11,7 +11,10 @@ Token Recycling keeps its matrix across prompts (hot start) as a user's process 
 per recycling variant (so two variants never share what they learned); `--warmup` prompts (not
 timed) run first, which also calibrates its tree sizes on this machine.
 
-Variants: "recycling[:tree=auto|paper|N]" and "prompt_lookup[:n=10]"; "greedy" always runs.
+Variants: "recycling[:tree=auto|paper|N]", "prompt_lookup[:n=10]" and "greedy" (the baseline
+always runs; list it with an option to compare). `pack_linears=True` packs the model's linears
+(`tokaccel.cpu_linear`) for every variant, baseline included; a variant's `packed=0|1` overrides
+that for it alone (packing happens outside the timed region).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from ..policies import parse_spec
 from .spec_prompts import PROMPTS, WARMUP, prompt_set
 
 BASELINE = "greedy"
-VARIANTS = ("recycling", "prompt_lookup")
+VARIANTS = ("recycling", "prompt_lookup", "greedy")
 
 
 @dataclass
@@ -38,20 +41,41 @@ class SpecConfig:
     warmup: int = 2  # untimed prompts first (spec_prompts.WARMUP, not in the timed set)
     device: str = "cpu"
     dtype: torch.dtype | None = None  # None: fp32 on CPU, bf16 on CUDA
+    pack_linears: bool = False  # tokaccel.cpu_linear packing for every variant (CPU only)
 
 
-def _variant_kwargs(spec: str) -> tuple[str, dict]:
+_OPTIONS = {"recycling": {"tree", "packed"}, "prompt_lookup": {"n", "packed"}, "greedy": {"packed"}}
+
+
+def _variant_kwargs(spec: str, pack_default: bool) -> tuple[str, dict, bool]:
+    """(name, generate kwargs, packed linears) of a variant spec."""
     name, cfg = parse_spec(spec)
+    if name not in _OPTIONS:
+        raise ValueError(f"unknown variant {name!r}; valid: {', '.join(VARIANTS)} (greedy always runs)")
+    unknown = set(cfg) - _OPTIONS[name]
+    if unknown:
+        raise ValueError(f"{name}: unknown option(s) {sorted(unknown)}; valid: {', '.join(sorted(_OPTIONS[name]))}")
+    if name == "greedy" and not cfg:
+        raise ValueError("greedy always runs as the baseline; list it only with an option (greedy:packed=1)")
+    packed = cfg.get("packed", pack_default)
+    if packed not in (0, 1, True, False):
+        raise ValueError(f"{spec}: packed must be 0 or 1")
     if name == "recycling":
         from .. import recycling
 
-        unknown = set(cfg) - {"tree"}
-        if unknown:
-            raise ValueError(f"recycling: unknown option(s) {sorted(unknown)}; valid: tree")
-        return spec, {"custom_generate": recycling.generate, "tree": cfg.get("tree", "auto")}
+        return spec, {"custom_generate": recycling.generate, "tree": cfg.get("tree", "auto")}, bool(packed)
     if name == "prompt_lookup":
-        return spec, {"prompt_lookup_num_tokens": int(cfg.get("n", 10))}
-    raise ValueError(f"unknown variant {name!r}; valid: {', '.join(VARIANTS)} (greedy always runs)")
+        return spec, {"prompt_lookup_num_tokens": int(cfg.get("n", 10))}, bool(packed)
+    return spec, {}, bool(packed)
+
+
+def _set_packing(model, packed: bool) -> None:
+    from ..cpu_linear import pack_linears, packed_count, unpack_linears
+
+    if packed and not packed_count(model):
+        pack_linears(model)
+    elif not packed and packed_count(model):
+        unpack_linears(model)
 
 
 def encode(tokenizer, prompt: str, device) -> torch.Tensor:
@@ -82,7 +106,10 @@ def run_spec(config: SpecConfig, metadata: dict | None = None, progress: bool = 
     device = torch.device(config.device)
     dtype = config.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model, tokenizer = load_model(config.model, device, dtype)
-    variants = [(BASELINE, {})] + [_variant_kwargs(v) for v in config.variants]
+    variants = [(BASELINE, {}, config.pack_linears)] + [_variant_kwargs(v, config.pack_linears)
+                                                         for v in config.variants]
+    if len({name for name, _, _ in variants}) < len(variants):
+        raise ValueError(f"variants listed twice: {config.variants}")
     prompts = prompt_set(config.per_class)
     if config.model == TINY_MODEL:  # no tokenizer: prompts become fixed random ids
         gen = torch.Generator().manual_seed(0)
@@ -100,19 +127,21 @@ def run_spec(config: SpecConfig, metadata: dict | None = None, progress: bool = 
     rows = []
     base = dict(metadata or {})
     base.update(model=config.model, dtype=str(dtype).replace("torch.", ""), new_tokens_max=config.new_tokens,
-                threads=torch.get_num_threads())
+                threads=torch.get_num_threads(), packed_linears=config.pack_linears)
     try:
         with torch.inference_mode():
             for ids in warm:
-                for name, kwargs in variants:
+                for name, kwargs, packed in variants:
                     _switch_state(model, states, name)
+                    _set_packing(model, packed)
                     model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                    max_new_tokens=config.new_tokens, pad_token_id=pad, **kwargs)
             for i, ((cls, _), ids) in enumerate(zip(prompts, encoded)):
                 order = variants[i % len(variants):] + variants[:i % len(variants)]
                 results = {}
-                for name, kwargs in order:
+                for name, kwargs, packed in order:
                     _switch_state(model, states, name)
+                    _set_packing(model, packed)
                     counter.calls = 0
                     start = time.perf_counter()
                     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
@@ -122,7 +151,7 @@ def run_spec(config: SpecConfig, metadata: dict | None = None, progress: bool = 
                     seconds = time.perf_counter() - start
                     results[name] = (out[0, ids.shape[1]:], seconds, counter.calls)
                 greedy_tokens = results[BASELINE][0]
-                for name, _ in variants:
+                for name, _, _ in variants:
                     tokens, seconds, calls = results[name]
                     rows.append({**base, "class": cls, "prompt": i, "variant": name, "prompt_tokens": ids.shape[1],
                                  "new_tokens": tokens.numel(), "seconds": seconds,
@@ -132,10 +161,11 @@ def run_spec(config: SpecConfig, metadata: dict | None = None, progress: bool = 
                                  "speedup": results[BASELINE][1] / seconds})
                 if progress:
                     print(f"[{i + 1}/{len(prompts)}] {cls}: " + ", ".join(
-                        f"{n} {results[BASELINE][1] / results[n][1]:.2f}x" for n, _ in variants[1:]), flush=True)
+                        f"{n} {results[BASELINE][1] / results[n][1]:.2f}x" for n, _, _ in variants[1:]), flush=True)
     finally:
         counter.handle.remove()
         _switch_state(model, states, None)
+        _set_packing(model, False)
     return rows + summarize(rows)
 
 
