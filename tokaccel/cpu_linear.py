@@ -1,9 +1,9 @@
 """Packed CPU linears: each `nn.Linear` weight reordered once into oneDNN's blocked layout.
 
 Why: on CPU, `F.linear` on a few rows (the 2-80 tokens of a speculative verify forward) repacks
-the whole weight on every call, so SmolLM2's 8-token forward costs ~1.8x a 1-token one and its
-49152 x 576 output head alone 2.5x. With the weight packed once, 8 tokens cost ~1.05x one token
-and the single-token step itself gets faster (`python benchmarks/packed_linear.py`).
+the whole weight on every call, so SmolLM2's 8-token forward costs 1.5-1.8x a 1-token one and its
+49152 x 576 output head alone ~2x. With the weight packed once, 8 tokens cost ~1.0x one token
+and the single-token step itself gets ~1.3x faster (`python benchmarks/packed_linear.py`).
 
     tokaccel.cpu_linear.pack_linears(model)     # every CPU fp32 / bf16 nn.Linear
     model.generate(...)                         # any decoding: greedy, Token Recycling, prompt lookup
@@ -80,7 +80,7 @@ def pack_linears(model: nn.Module) -> int:
     no linear qualifies (the reasons are listed)."""
     if not available():
         raise RuntimeError("pack_linears needs torch built with oneDNN (torch.backends.mkldnn) and its "
-                           "mkldnn::_linear_pointwise op; this build has neither")
+                           "mkldnn::_linear_pointwise op; this build lacks them")
     count, reasons = 0, {}
     for name, module in model.named_modules():
         if isinstance(module, PackedLinear):
@@ -104,16 +104,18 @@ def pack_linears(model: nn.Module) -> int:
     return count
 
 
+def _unpack(module: PackedLinear) -> None:
+    module.__class__ = nn.Linear
+    del module._tokaccel_packed, module._tokaccel_stamp
+
+
 def unpack_linears(model: nn.Module) -> int:
     """Turn every PackedLinear of `model` back into a plain nn.Linear (its weight was never
     touched) and free the packed copies; returns how many were unpacked."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, PackedLinear):
-            module.__class__ = nn.Linear
-            del module._tokaccel_packed, module._tokaccel_stamp
-            count += 1
-    return count
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    for module in packed:
+        _unpack(module)
+    return len(packed)
 
 
 def packed_count(model: nn.Module) -> int:
@@ -131,5 +133,4 @@ def packed_linears(model: nn.Module):
     finally:
         for module in model.modules():
             if isinstance(module, PackedLinear) and id(module) not in before:
-                module.__class__ = nn.Linear
-                del module._tokaccel_packed, module._tokaccel_stamp
+                _unpack(module)

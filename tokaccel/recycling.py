@@ -16,8 +16,8 @@ sub-trees of the paper's 80-node tree that maximises measured (accepted + 1) / s
 plain one-token steps as a candidate, so it never settles on something slower than greedy.
 
 On CPU, pack the model's linears first (`tokaccel.pack_linears(model)`, see `tokaccel.cpu_linear`):
-unpacked, a verify forward of 8 tokens costs ~1.8x a one-token step (each small-M matmul repacks
-its weight), so trees rarely pay; packed, it costs ~1.05x. `generate` warns once when a large CPU
+unpacked, a verify forward of 8 tokens costs 1.5-1.8x a one-token step (each small-M matmul repacks
+its weight), so trees rarely pay; packed, it costs ~1.0x. `generate` warns once when a large CPU
 model is not packed.
 
 Lossless up to floating point: a tree forward computes the same logits as one-token steps only to
@@ -552,7 +552,7 @@ def generate(
     if device.type == "cpu" and not packed_count(model) and packing_available() and \
             max((m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)), default=0) >= 2 ** 20:
         warnings.warn("token recycling on CPU: call tokaccel.pack_linears(model) once before generating; unpacked, "
-                      "a verify forward of a few tokens costs ~1.8x a one-token step and trees rarely pay "
+                      "a verify forward of a few tokens costs 1.5-1.8x a one-token step and trees rarely pay "
                       "(packing keeps a second copy of the linear weights)", stacklevel=2)
     for layer in cache.layers:  # let sliding-window layers hold a verified tree until it is compacted
         if getattr(layer, "is_sliding", False) and hasattr(layer, "activate_past_recording"):
