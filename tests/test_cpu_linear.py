@@ -93,3 +93,25 @@ def test_context_manager_keeps_earlier_packing_and_errors_are_clear():
         pack_linears(tiny_model("llama").half())
     with pytest.raises(ValueError, match="the model has no nn.Linear"):
         pack_linears(nn.Sequential(nn.ReLU()))
+
+
+def test_recycling_on_packed_smollm2_equals_greedy(smollm2, tmp_path, monkeypatch):
+    """The configuration the speed claims use: SmolLM2 packed, the automatic tree choice; tokens
+    equal packed greedy and unpacked greedy, and drafts are really accepted."""
+    from tokaccel.bench.spec_prompts import PROMPTS
+    from tokaccel.bench.speculative import encode
+
+    monkeypatch.setenv("TOKACCEL_CACHE", str(tmp_path))
+    model, tokenizer = smollm2
+    R.reset(model)
+    prompts = [PROMPTS["chat"][1], PROMPTS["code"][2], PROMPTS["repetitive"][3]]
+    encoded = [encode(tokenizer, text, "cpu") for text in prompts]
+    kw = dict(do_sample=False, max_new_tokens=40)
+    plain = [model.generate(ids, **kw) for ids in encoded]
+    with packed_linears(model):
+        for ids, expect in zip(encoded, plain):
+            assert torch.equal(model.generate(ids, **kw), expect)
+            assert torch.equal(model.generate(ids, custom_generate=R.generate, **kw), expect)
+        assert R.recycling_state(model).stats.summary()["accepted"] > 0
+    assert packed_count(model) == 0
+    R.reset(model)
