@@ -3,6 +3,7 @@
 import importlib
 
 import pytest
+import torch
 
 from tokaccel.bench import cli
 from tokaccel.bench.plots import plot_results
@@ -40,6 +41,22 @@ def test_bench_e2e_smoke(tmp_path):
         ("1", "hf", "ok"), ("1", "dense", "ok"), ("2", "hf", "ok"), ("2", "dense", "ok")]
     assert set(METADATA_COLUMNS) <= set(rows[0])
     assert "--peers none" in (tmp_path / "bench_e2e.md").read_text()
+
+
+def test_bench_e2e_with_packed_linears(tmp_path, monkeypatch):
+    """--pack-linears: every variant runs on the packed model (the generate calls see PackedLinear
+    layers), the rows say so, tokens agree with the baseline, and the model is unpacked after."""
+    from tokaccel.bench import e2e
+    from tokaccel.cpu_linear import packed_count
+
+    model, tokenizer = e2e.load_model(e2e.TINY_MODEL, "cpu", torch.float32)
+    seen = []
+    real = e2e.generate_once
+    monkeypatch.setattr(e2e, "generate_once", lambda m, *a, **k: seen.append(packed_count(m)) or real(m, *a, **k))
+    config = e2e.smoke_config(model=e2e.TINY_MODEL, peers=(), pack_linears=True)
+    rows = e2e.run_e2e(config, model_and_tokenizer=(model, tokenizer))
+    assert seen and set(seen) == {2 * 7 + 1} and packed_count(model) == 0
+    assert all(r["status"] == "ok" and r["packed_linears"] and r["agree_with_hf"] == 1.0 for r in rows)
 
 
 def test_bench_spec_smoke(tmp_path, monkeypatch):

@@ -98,6 +98,8 @@ def add_commands(subparsers) -> None:
     e2e.add_argument("--new-tokens", type=int, default=None, help="tokens generated per row (default: 32)")
     e2e.add_argument("--prompt", choices=("text", "random"), default="text",
                      help="natural text (default) or random token ids")
+    e2e.add_argument("--pack-linears", action="store_true",
+                     help="pack every CPU linear (tokaccel.cpu_linear) for all variants, the baseline included")
     _common(e2e)
     e2e.set_defaults(func=run_e2e_command)
 
@@ -205,10 +207,12 @@ def run_e2e_command(args) -> int:
          peers=peers, batch_sizes=None if args.smoke else args.batch,
          new_tokens=None if args.smoke else args.new_tokens, dtype=args.dtype, device=args.device,
          warmup=args.warmup, repeats=args.repeats, prompt=args.prompt)
+    config.pack_linears = args.pack_linears
     command = _command(args, [("--model", config.model), ("--contexts", config.contexts),
                               ("--policies", config.policies), ("--peers", config.peers or ["none"]),
                               ("--batch", config.batch_sizes), ("--new-tokens", config.new_tokens),
-                              ("--prompt", config.prompt), ("--dtype", config.dtype), ("--device", args.device),
+                              ("--prompt", config.prompt), ("--pack-linears", config.pack_linears),
+                              ("--dtype", config.dtype), ("--device", args.device),
                               ("--warmup", config.warmup), ("--repeats", config.repeats),
                               ("--threads", torch.get_num_threads()), ("--smoke", args.smoke), ("--out", args.out)])
     rows = run_e2e(config, run_metadata(config.device), progress=not args.no_progress)

@@ -16,6 +16,9 @@ speedup is only reported next to the accuracy measured on the same run), tokens_
 (tokens per forward after prefill; > 1 when a speculative peer accepts drafts), and the tokaccel
 counters of patched variants (keys_read_per_call, selection_hit_rate).
 
+`--pack-linears` packs the model's linears (`tokaccel.cpu_linear`) for the whole run, every
+variant included.
+
 Variants (`--policies`, `--peers`):
 - "hf": unpatched `generate` (always first);
 - a policy spec ("dense", "tokenselect:k=1024"): `with tokaccel.patched(model, policy=spec)`;
@@ -64,6 +67,7 @@ class E2EConfig:
     dtype: torch.dtype | None = None  # None: fp32 on CPU, bf16 on CUDA
     prompt: str = "text"  # "text": repeated natural text (pydoc topics); "random": random token ids
     seed: int = 0
+    pack_linears: bool = False  # tokaccel.cpu_linear packing for every variant, baseline included (CPU)
 
 
 @dataclass
@@ -241,6 +245,15 @@ def run_e2e(config: E2EConfig, metadata: dict | None = None, progress: bool = Fa
     device = torch.device(config.device)
     dtype = config.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model, tokenizer = model_and_tokenizer or load_model(config.model, device, dtype)
+    if config.pack_linears:
+        from ..cpu_linear import packed_linears
+
+        with packed_linears(model):
+            return _run_e2e(config, model, tokenizer, device, dtype, metadata, progress)
+    return _run_e2e(config, model, tokenizer, device, dtype, metadata, progress)
+
+
+def _run_e2e(config: E2EConfig, model, tokenizer, device, dtype, metadata, progress) -> list[dict]:
     vocab = model.config.get_text_config().vocab_size
     pad = (tokenizer.pad_token_id if tokenizer is not None else None) or 0
     variants = make_variants(config.policies, config.peers, device)
@@ -290,6 +303,7 @@ def run_e2e(config: E2EConfig, metadata: dict | None = None, progress: bool = Fa
         common = {
             **(metadata or {}), "model": config.model, "dtype": str(dtype).replace("torch.", ""), "context": n,
             "batch": batch, "new_tokens": config.new_tokens, "prompt": config.prompt if tokenizer else "random",
+            "packed_linears": config.pack_linears,
         }
         for variant in variants:
             row = {**common, "variant": variant.name, "kind": variant.kind}
