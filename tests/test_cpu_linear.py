@@ -115,3 +115,21 @@ def test_recycling_on_packed_smollm2_equals_greedy(smollm2, tmp_path, monkeypatc
         assert R.recycling_state(model).stats.summary()["accepted"] > 0
     assert packed_count(model) == 0
     R.reset(model)
+
+
+def test_recycling_warns_on_a_large_unpacked_cpu_model_only(tmp_path, monkeypatch):
+    """A linear of >= 2^20 weights (here a 16384-token head) unpacked: one hint to pack; packed, or
+    a small model: none."""
+    import warnings
+
+    monkeypatch.setenv("TOKACCEL_CACHE", str(tmp_path))
+    ids = torch.randint(1, 128, (1, 6), generator=torch.Generator().manual_seed(2))
+    kw = dict(custom_generate=R.generate, do_sample=False, max_new_tokens=4, eos_token_id=None, tree=4)
+    large = tiny_model("llama", vocab_size=16384)
+    with pytest.warns(UserWarning, match=r"tokaccel.pack_linears\(model\)"):
+        large.generate(ids, **kw)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*pack_linears")
+        tiny_model("llama").generate(ids, **kw)  # small: no hint
+        with packed_linears(large):
+            large.generate(ids, **kw)  # packed: no hint
