@@ -96,8 +96,8 @@ def test_context_manager_keeps_earlier_packing_and_errors_are_clear():
 
 
 def test_recycling_on_packed_smollm2_equals_greedy(smollm2, tmp_path, monkeypatch):
-    """The configuration the speed claims use: SmolLM2 packed, the automatic tree choice; tokens
-    equal packed greedy and unpacked greedy, and drafts are really accepted."""
+    """The configuration the speed claims use: SmolLM2 packed, the automatic tree choice (and a
+    fixed 8-node tree); tokens equal packed greedy and unpacked greedy, drafts are accepted."""
     from tokaccel.bench.spec_prompts import PROMPTS
     from tokaccel.bench.speculative import encode
 
@@ -112,6 +112,8 @@ def test_recycling_on_packed_smollm2_equals_greedy(smollm2, tmp_path, monkeypatc
         for ids, expect in zip(encoded, plain):
             assert torch.equal(model.generate(ids, **kw), expect)
             assert torch.equal(model.generate(ids, custom_generate=R.generate, **kw), expect)
+            # the automatic choice may settle on plain steps; a fixed tree must accept drafts
+            assert torch.equal(model.generate(ids, custom_generate=R.generate, tree=8, **kw), expect)
         assert R.recycling_state(model).stats.summary()["accepted"] > 0
     assert packed_count(model) == 0
     R.reset(model)
