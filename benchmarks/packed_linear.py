@@ -56,7 +56,9 @@ def model_table(rows: list[int], repeats: int) -> None:
     from tokaccel.cpu_linear import pack_linears
 
     variants = {"plain": models.load("smollm2-135m-instruct")[0], "packed": models.load("smollm2-135m-instruct")[0]}
+    start = time.perf_counter()
     pack_linears(variants["packed"])
+    print(f"\npacking SmolLM2's linears took {time.perf_counter() - start:.2f} s")
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(100, 20000, (1, 200), generator=gen)
     caches = {kind: DynamicCache(config=model.config) for kind, model in variants.items()}
