@@ -182,15 +182,22 @@ def rotate_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return out if rot == x.shape[-1] else torch.cat((out, x[..., rot:]), dim=-1)
 
 
-def indexed_decode_attention_reference(q, k, v, idx, start, scale, cos=None, sin=None, key_columns=None
-                                       ) -> torch.Tensor:
-    """Torch reference of :func:`indexed_decode_attention` (also the CPU implementation): gathers
-    the L rows once, one [G, D] x [D, L] product per KV head (K is never repeated)."""
-    B, H, D = q.shape
-    Hk, L = k.shape[1], idx.shape[1]
+def gather_decode_rows(k, v, idx, cos=None, sin=None, key_columns=None, first: int = 0):
+    """Rows idx [B, L] of k / v -> (keys, values) [B, Hk, L, D], keys in the natural head-dim
+    layout and, when cos / sin [>= first + L, R] are given, rotated to positions first..first+L-1."""
     ks, vs = natural_columns(gather_rows(k, idx), key_columns), gather_rows(v, idx)
     if cos is not None:
-        ks = rotate_rows(ks, cos[:L], sin[:L])
+        L = idx.shape[1]
+        ks = rotate_rows(ks, cos[first:first + L], sin[first:first + L])
+    return ks, vs
+
+
+def decode_attention_rows(q, ks, vs, start, scale, cos=None, sin=None) -> torch.Tensor:
+    """Attention of q [B, H, D] over gathered rows ks / vs [B, Hk, L, D] (GQA, K never repeated);
+    columns before start [B] are masked; q rotated to position L - 1 when cos / sin are given -> [B, H, D]."""
+    B, H, D = q.shape
+    Hk, L = ks.shape[1], ks.shape[2]
+    if cos is not None:
         q = rotate_rows(q, cos[L - 1:L], sin[L - 1:L])
     scores = torch.matmul(q.reshape(B, Hk, H // Hk, D), ks.transpose(-1, -2)).float().mul_(scale)
     if bool((start > 0).any()):
@@ -198,6 +205,14 @@ def indexed_decode_attention_reference(q, k, v, idx, start, scale, cos=None, sin
         scores.masked_fill_(pad[:, None, None, :], float("-inf"))
     probs = scores.softmax(-1).nan_to_num_(0.0).to(vs.dtype)
     return torch.matmul(probs, vs).reshape(B, H, D)
+
+
+def indexed_decode_attention_reference(q, k, v, idx, start, scale, cos=None, sin=None, key_columns=None
+                                       ) -> torch.Tensor:
+    """Torch reference of :func:`indexed_decode_attention` (also the CPU implementation): gathers
+    the L rows once, one [G, D] x [D, L] product per KV head (K is never repeated)."""
+    ks, vs = gather_decode_rows(k, v, idx, cos, sin, key_columns)
+    return decode_attention_rows(q, ks, vs, start, scale, cos, sin)
 
 
 def indexed_prefill_attention_reference(q, k, v, idx, col_valid, scale, cos=None, sin=None, key_columns=None

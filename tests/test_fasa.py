@@ -117,6 +117,23 @@ def test_all_chunks_equal_flat_tokenselect(mode):
     assert torch.equal(t1, t0)
 
 
+@pytest.mark.parametrize("mode", ["compact", "original"])
+def test_reused_rows_of_the_permuted_cache_equal_a_fresh_gather(mode):
+    """reuse_rows on FASA's cache (dims permuted, column tiles on CPU): same logits as gathering
+    every row every step."""
+    model, batch = tiny_model("llama"), _batch(pad=0)
+    outputs = []
+    for reuse in (True, False):
+        policy = FASA(k=6, theta=0.0, position_mode=mode, reuse_rows=reuse, calibration=_calibration(), **SMALL)
+        with tokaccel.patched(model, policy):
+            _, steps, tokens, _ = _run(model, batch, steps=5, forward=False)
+            outputs.append((steps, tokens, tokaccel.stats(model).get("rows_reused", 0)))
+    (s0, t0, reused), (s1, t1, none) = outputs
+    assert reused > 0 and none == 0
+    torch.testing.assert_close(s0, s1, rtol=0, atol=1e-6)
+    assert torch.equal(t0, t1)
+
+
 def test_partial_scoring_reads_a_quarter_of_the_key_bytes():
     model, batch = tiny_model("llama"), _batch()
     counters = []

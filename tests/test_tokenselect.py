@@ -1,5 +1,7 @@
 """TokenSelect: exactness vs dense, selection, the soft vote, the selection cache, one copy of K, errors."""
 
+import copy
+
 import pytest
 import torch
 from transformers import DynamicCache, StaticCache
@@ -343,6 +345,7 @@ def test_rope_unrotate_inverts_rotate():
     ({"position_mode": "absolute"}, r"position_mode='absolute' .*compact.*original"),
     ({"head_mapping": "mod"}, r"head_mapping='mod' .*group.*release_mod"),
     ({"dense_fallback": "yes"}, r"dense_fallback='yes'"),
+    ({"reuse_rows": 1}, r"reuse_rows=1 .*bool"),
 ])
 def test_bad_config_is_refused(config, match):
     with pytest.raises(ValueError, match=match):
@@ -402,6 +405,49 @@ def test_batch_with_mixed_hits_and_misses(monkeypatch):
     state = cache.layers[0].selection
     n = cache.layers[0].get_seq_length()
     assert state.local_start.tolist() == [n - 4 - (steps - 2), n - 4]  # row 0: window of the first step
+
+
+@pytest.mark.parametrize("kind,mode,theta", [("llama", "compact", 0.0), ("llama", "original", 0.0),
+                                              ("gemma3", "compact", 0.5), ("qwen2", "original", 0.0)])
+def test_reused_rows_equal_a_fresh_gather(kind, mode, theta):
+    """reuse_rows: a hit gathers only the rows its index set gained since the last step; the
+    logits and tokens equal gathering every row every step (batch 2, one row padded)."""
+    model, batch = _tiny(kind), _batch(length=72, pad=11)
+    outputs = []
+    for reuse in (True, False):
+        policy = TokenSelect(k=8, n_init=2, n_local=6, chunk=16, theta=theta, position_mode=mode, reuse_rows=reuse)
+        with tokaccel.patched(model, policy):
+            _, steps, tokens, cache = _run(model, batch, steps=8, forward=False)
+            outputs.append((steps, tokens, tokaccel.stats(model)))
+    (s0, t0, c0), (s1, t1, c1) = outputs
+    assert c0["selection_hits"] > 0 and c0["selection_hits"] == c1["selection_hits"]
+    assert c0["rows_reused"] > 0 and c1.get("rows_reused", 0) == 0
+    if theta == 0.0:  # every step after the first decode one hits: all but one new column per row reused
+        assert c0["rows_reused"] >= c0["selection_hits"] * (policy.budget - 1)
+    torch.testing.assert_close(s0, s1, rtol=0, atol=1e-6)
+    assert torch.equal(t0, t1)
+
+
+def test_a_miss_rebuilds_the_reused_rows_and_cache_edits_drop_them():
+    model, batch = _tiny("llama"), _batch(length=64, pad=0)
+    options = dict(k=8, n_init=2, n_local=6, chunk=16, theta=0.5)
+    with tokaccel.patched(model, "tokenselect", **options):
+        _, _, tokens, cache = _run(model, batch, steps=4, forward=False)
+    layer = cache.layers[0]
+    assert (layer.selection.rows.idx[:, -1] == layer.get_seq_length() - 1).all()  # the last step's rows
+    reference = copy.deepcopy(cache)
+    for edited in (cache, reference):
+        for each in edited.layers:
+            each.selection.query = -each.selection.query  # cos = -1: the next step misses
+    for each in cache.layers:
+        each.selection.rows.keys.zero_()  # stale rows: a miss must not read them
+    logits = []
+    for steps_cache, reuse in ((cache, True), (reference, False)):
+        with torch.no_grad(), tokaccel.patched(model, "tokenselect", reuse_rows=reuse, **options):
+            logits.append(model(input_ids=tokens[:, -1:], past_key_values=steps_cache).logits)
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-6)
+    cache.crop(-1)  # an edit drops the selection, its rows with it
+    assert layer.selection is None
 
 
 def test_beam_search_lazy_cache_and_continued_generation():

@@ -92,6 +92,17 @@ def top_k(vote: torch.Tensor, k: int, pool: int | None = None) -> tuple[torch.Te
 
 
 @dataclass
+class DecodeRows:
+    """The K/V rows a layer's last decode step gathered (`TokenSelect.reuse_rows`, CPU): column j
+    holds row idx[:, j], its key rotated to compact position j in compact mode."""
+
+    idx: torch.Tensor  # [B, L] long: the index set of that step
+    valid: torch.Tensor  # [B, L] bool
+    keys: torch.Tensor  # [B, Hk, capacity >= L, D] natural head-dim layout
+    values: torch.Tensor  # [B, Hk, capacity, D]
+
+
+@dataclass
 class SelectionState:
     """The selection cache of one layer and sequence (paper Alg. 1), one entry per batch row."""
 
@@ -99,6 +110,7 @@ class SelectionState:
     mid: torch.Tensor  # [B, M] long: the selected candidates, sorted
     mid_valid: torch.Tensor  # [B, M] bool
     local_start: torch.Tensor  # [B] long: start of the local window when the selection was made
+    rows: DecodeRows | None = None  # the rows gathered for this selection, reused while it hits
 
 
 def cache_hits(state: SelectionState | None, query: torch.Tensor, theta: float) -> torch.Tensor:

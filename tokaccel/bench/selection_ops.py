@@ -6,7 +6,9 @@ the other parts time its pieces on the same inputs:
 
 - decode_miss: "score" (the policy's vote over the N - n_init - n_local candidates), "topk",
   "attention" (the indexed decode kernel: gathers, re-rotates and attends over the L read rows);
-- decode_hit: the selection cache holds this query's selection, so no scoring: "attention", "total";
+- decode_hit: the selection cache holds this query's selection, so no scoring: "attention" (the
+  indexed decode kernel gathering every row), "total" (with `reuse_rows`, the default, the rows
+  kept from the first call: a hit on an unchanged cache gathers none);
 - prefill_chunk: the last c queries of an N-token prompt; the chunk is the last of its forward,
   so it votes with its last `tail` queries ("tokenselect:tail=0" times a mean-query chunk).
   "score", "topk", "attention" (the indexed prefill kernel: gathers the selected rows + the chunk,

@@ -41,11 +41,13 @@ import torch
 
 from ..cache import SelectionLayer, call_cache, install_selection_layer
 from ..rope import RopeTable, find_rotary_embedding, rotate, unrotate
-from ..selection import HEAD_MAPPINGS, SelectionState, assemble, attend_rows, cache_hits, merge_rows, soft_vote, top_k
+from ..selection import (HEAD_MAPPINGS, DecodeRows, SelectionState, assemble, attend_rows, cache_hits, merge_rows,
+                         soft_vote, top_k)
 from .base import TREE_KWARG, LayerContext, LayerInfo, Policy
 from .dense import dense_with_stats
 
 POSITION_MODES = ("compact", "original")
+_ROW_SLACK = 128  # columns allocated past L in `DecodeRows`, for the hits that follow
 
 
 @dataclass
@@ -74,6 +76,11 @@ class TokenSelect(Policy):
         queries; 0 = the chunk's mean query, as in the paper.
     dense_fallback: dense attention when the context fits the budget; False forces the sparse
         path (used to test it, and to measure its overhead).
+    reuse_rows: CPU decode keeps the K/V rows it gathered (keys re-rotated) and, while the
+        selection cache hits, gathers only the rows the index set gained: a hit then reads rows
+        sequentially instead of scattered over the cache. A workspace of about `budget` + steps
+        since the last miss rows per layer, dropped with the selection (a batch reuses them while
+        every row hits); False gathers every step.
     """
 
     name: ClassVar[str] = "tokenselect"
@@ -91,6 +98,7 @@ class TokenSelect(Policy):
     head_mapping: str = "group"
     tail: int = 16
     dense_fallback: bool = True
+    reuse_rows: bool = True
 
     # ------------------------------------------------------------------ configuration
     def validate(self) -> None:
@@ -115,8 +123,9 @@ class TokenSelect(Policy):
         if self.head_mapping not in HEAD_MAPPINGS:
             raise ValueError(f"{self.name}: head_mapping={self.head_mapping!r} is not valid; "
                              f"choose one of {HEAD_MAPPINGS}")
-        if not isinstance(self.dense_fallback, bool):
-            raise ValueError(f"{self.name}: dense_fallback={self.dense_fallback!r} is not valid; expected a bool")
+        for flag in ("dense_fallback", "reuse_rows"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{self.name}: {flag}={getattr(self, flag)!r} is not valid; expected a bool")
 
     @property
     def budget(self) -> int:
@@ -392,6 +401,8 @@ class _Call:
             if layer is not None:
                 layer.selection = state
         idx, valid = assemble(self.first, p.n_init, state.mid, state.mid_valid, state.local_start, N, self.key_valid)
+        if p.reuse_rows and layer is not None and idx.device.type == "cpu":
+            return self._read_decode_reusing(state, idx, valid)
         return self._read_decode(idx, valid)
 
     def decode_tree(self, before: SelectionState | None, tree) -> tuple[torch.Tensor, list]:
@@ -440,6 +451,39 @@ class _Call:
         query = self.query[:, :, 0] if query is None else query
         out = indexed_decode_attention(query, self.key, self.value, idx, start, self.scale, cos, sin, self.key_columns)
         self.ctx.stats.record_read(idx.shape[0], 1, L, self.key.shape[1], query.shape[-1], self.key.element_size())
+        return out[:, None]
+
+    def _read_decode_reusing(self, state: SelectionState, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """`_read_decode` over idx [B, L] keeping the gathered rows in `state.rows`: when the last
+        step's index set is a prefix of idx (a cache hit: same selection, the local window one
+        token longer), only the new columns are gathered and rotated."""
+        from ..kernels.indexed_attention import decode_attention_rows, gather_decode_rows
+
+        B, L = idx.shape
+        cos = sin = None
+        if self.p.compact:
+            cos, sin = self.ctx.state.rope(L, idx.device, torch.float32)
+        rows, n = state.rows, 0
+        if rows is not None and rows.idx.shape[1] <= L:
+            n = rows.idx.shape[1]
+            if not (torch.equal(idx[:, :n], rows.idx) and torch.equal(valid[:, :n], rows.valid)):
+                n = 0
+        new_k, new_v = gather_decode_rows(self.key, self.value, idx[:, n:], cos, sin, self.key_columns, first=n)
+        if n == 0:  # a new selection (or rows not reusable): the gathered rows are the buffer
+            rows = state.rows = DecodeRows(idx, valid, new_k, new_v)
+        else:
+            if rows.keys.shape[2] < L:  # the first hits after a miss: room for the next ones
+                keys = rows.keys.new_empty(*rows.keys.shape[:2], L + _ROW_SLACK, rows.keys.shape[3])
+                values = rows.values.new_empty(keys.shape)
+                keys[:, :, :n], values[:, :, :n] = rows.keys[:, :, :n], rows.values[:, :, :n]
+                rows.keys, rows.values = keys, values
+            rows.keys[:, :, n:L], rows.values[:, :, n:L] = new_k, new_v
+            rows.idx, rows.valid = idx, valid
+        self.ctx.stats["rows_reused"] += B * n
+        start = L - valid.sum(1)
+        out = decode_attention_rows(self.query[:, :, 0], rows.keys[:, :, :L], rows.values[:, :, :L], start,
+                                    self.scale, cos, sin)
+        self.ctx.stats.record_read(B, 1, L, self.key.shape[1], self.query.shape[-1], self.key.element_size())
         return out[:, None]
 
     # -- prefill ---------------------------------------------------------------------------
