@@ -401,9 +401,8 @@ class _Call:
             if layer is not None:
                 layer.selection = state
         idx, valid = assemble(self.first, p.n_init, state.mid, state.mid_valid, state.local_start, N, self.key_valid)
-        if p.reuse_rows and layer is not None and idx.device.type == "cpu":
-            return self._read_decode_reusing(state, idx, valid)
-        return self._read_decode(idx, valid)
+        reuse = p.reuse_rows and layer is not None and idx.device.type == "cpu"
+        return self._read_decode(idx, valid, state=state if reuse else None)
 
     def decode_tree(self, before: SelectionState | None, tree) -> tuple[torch.Tensor, list]:
         """The S queries of a draft tree (batch 1; TreeTemplate `tree`, keys [1, Hk, P + S, D] with
@@ -437,11 +436,13 @@ class _Call:
             outs.append(self._read_decode(rows, valid, self.query[:, :, i]))
         return torch.cat(outs, dim=1), states
 
-    def _read_decode(self, idx: torch.Tensor, valid: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
+    def _read_decode(self, idx: torch.Tensor, valid: torch.Tensor, query: torch.Tensor | None = None,
+                     state: SelectionState | None = None) -> torch.Tensor:
         """The decode query [B, H, D] (default: the call's only one) over the rows idx [B, L]
         (left-aligned validity) -> [B, 1, H, D]: one kernel gathers the rows, rotates keys to 0..L-1
-        and the query to L-1 (compact) and attends."""
-        from ..kernels.indexed_attention import indexed_decode_attention
+        and the query to L-1 (compact) and attends. With `state` (`reuse_rows`, CPU) the rows come
+        from `_kept_rows` instead."""
+        from ..kernels.indexed_attention import decode_attention_rows, indexed_decode_attention
 
         L = idx.shape[1]
         cos = sin = None
@@ -449,20 +450,23 @@ class _Call:
             cos, sin = self.ctx.state.rope(L, idx.device, torch.float32)
         start = L - valid.sum(1)
         query = self.query[:, :, 0] if query is None else query
-        out = indexed_decode_attention(query, self.key, self.value, idx, start, self.scale, cos, sin, self.key_columns)
+        if state is None:
+            out = indexed_decode_attention(query, self.key, self.value, idx, start, self.scale, cos, sin,
+                                           self.key_columns)
+        else:
+            keys, values = self._kept_rows(state, idx, valid, cos, sin)
+            out = decode_attention_rows(query, keys, values, start, self.scale, cos, sin)
         self.ctx.stats.record_read(idx.shape[0], 1, L, self.key.shape[1], query.shape[-1], self.key.element_size())
         return out[:, None]
 
-    def _read_decode_reusing(self, state: SelectionState, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """`_read_decode` over idx [B, L] keeping the gathered rows in `state.rows`: when the last
-        step's index set is a prefix of idx (a cache hit: same selection, the local window one
-        token longer), only the new columns are gathered and rotated."""
-        from ..kernels.indexed_attention import decode_attention_rows, gather_decode_rows
+    def _kept_rows(self, state: SelectionState, idx: torch.Tensor, valid: torch.Tensor, cos, sin
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V rows idx [B, L] (keys rotated to 0..L-1 when cos / sin) -> [B, Hk, L, D] each, kept in
+        `state.rows`: when the last step's index set is a prefix of idx (a cache hit: same
+        selection, the local window one token longer), only the new columns are gathered."""
+        from ..kernels.indexed_attention import gather_decode_rows
 
         B, L = idx.shape
-        cos = sin = None
-        if self.p.compact:
-            cos, sin = self.ctx.state.rope(L, idx.device, torch.float32)
         rows, n = state.rows, 0
         if rows is not None and rows.idx.shape[1] <= L:
             n = rows.idx.shape[1]
@@ -480,11 +484,7 @@ class _Call:
             rows.keys[:, :, n:L], rows.values[:, :, n:L] = new_k, new_v
             rows.idx, rows.valid = idx, valid
         self.ctx.stats["rows_reused"] += B * n
-        start = L - valid.sum(1)
-        out = decode_attention_rows(self.query[:, :, 0], rows.keys[:, :, :L], rows.values[:, :, :L], start,
-                                    self.scale, cos, sin)
-        self.ctx.stats.record_read(B, 1, L, self.key.shape[1], self.query.shape[-1], self.key.element_size())
-        return out[:, None]
+        return rows.keys[:, :, :L], rows.values[:, :, :L]
 
     # -- prefill ---------------------------------------------------------------------------
     def prefill(self) -> torch.Tensor:
