@@ -28,12 +28,13 @@ def _figure(panels: int, width: float = 4.2, height: float = 3.4):
 
 def _accuracy_vs_length(model: str, results: list[dict], out_dir: Path) -> Path:
     tasks = sorted({r["task"] for r in results})
+    colors = {label: f"C{i % 10}" for i, label in enumerate(dict.fromkeys(r["policy_label"] for r in results))}
     fig, axes = _figure(len(tasks))
     for ax, task in zip(axes, tasks):
         rows = [r for r in results if r["task"] == task]
-        for label in dict.fromkeys(r["policy_label"] for r in rows):
+        for label in dict.fromkeys(r["policy_label"] for r in rows):  # one colour per policy in every panel
             points = sorted((r["length"], r["score"]) for r in rows if r["policy_label"] == label)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label, color=colors[label])
         ppl = rows[0]["metric"] == "ppl"
         ax.set_xscale("log", base=2)
         ax.set_title(task)
