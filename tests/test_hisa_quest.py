@@ -37,15 +37,19 @@ def _dense_reference(kind):
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
 @pytest.mark.parametrize("name", sorted(POLICIES))
-@pytest.mark.parametrize("mode,dense_fallback", [("compact", True), ("compact", False), ("original", False)])
-def test_exact_when_budget_covers_context(kind, name, mode, dense_fallback):
+@pytest.mark.parametrize("mode,dense_fallback", [("compact", True), ("compact", False), ("original", False),
+                                               ("auto", False)])
+def test_exact_when_budget_covers_context(kind, name, mode, dense_fallback, monkeypatch):
     """k + n_init + n_local >= context: logits equal dense (fp32, 1e-4), prefill and decode, batch 2
     with left padding; dense_fallback=False runs the sparse path (block index, chunked prefill)."""
     model, batch, (ref_prefill, ref_steps, ref_tokens) = _dense_reference(kind)
+    if mode == "auto":  # a trained length one token past the prompt: the cache switches at the second step
+        monkeypatch.setattr(model.config, "max_position_embeddings", batch["input_ids"].shape[1] + 1)
     policy = POLICIES[name](k=40, position_mode=mode, dense_fallback=dense_fallback, **SMALL)
     with tokaccel.patched(model, policy):
         prefill, steps, tokens, cache = _run(model, batch, steps=4)
         counters = tokaccel.stats(model)
+    assert (counters.get("position_switches", 0) > 0) == (mode == "auto")
     real = batch["attention_mask"].bool()
     assert (prefill - ref_prefill)[real].abs().max() <= 1e-4
     assert (steps - ref_steps).abs().max() <= 1e-4

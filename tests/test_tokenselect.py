@@ -44,7 +44,7 @@ def _run(model, batch, steps=6, forward=True):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("mode", ["compact", "original"])
+@pytest.mark.parametrize("mode", ["compact", "original", "auto"])
 @pytest.mark.parametrize("dense_fallback", [True, False])
 def test_exact_when_budget_covers_context(kind, mode, dense_fallback):
     """k + n_init + n_local >= context: logits equal dense (fp32, 1e-4), prefill and decode, batch 2
@@ -110,6 +110,76 @@ def test_exact_without_a_cache():
                                   dense_fallback=False):
                 got = model(**batch, use_cache=False).logits
             assert (got - ref)[batch["attention_mask"].bool()].abs().max() <= 1e-4, mode
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+@pytest.mark.parametrize("dense_fallback", [True, False])
+def test_auto_positions_switch_to_compact_past_the_trained_length(kind, dense_fallback):
+    """position_mode="auto" with a trained length of 44: the 40-token prompt (batch 2, left padding)
+    runs with original positions, the 5th decode step takes the cache past 44 and every layer
+    switches to pre-RoPE keys, un-rotated in place at the positions HF gave them. With a covering
+    budget the logits equal dense before and after the switch."""
+    model, batch = tiny_model(kind, max_position_embeddings=44), _batch()
+    _, ref_steps, ref_tokens, _ = _run(model, batch, steps=8, forward=False)
+    policy = TokenSelect(k=48, n_init=4, n_local=8, chunk=16, position_mode="auto", dense_fallback=dense_fallback)
+    with tokaccel.patched(model, policy):
+        _, steps, tokens, cache = _run(model, batch, steps=8, forward=False)
+        counters = tokaccel.stats(model)
+    assert (steps - ref_steps).abs().max() <= 1e-4
+    assert torch.equal(tokens, ref_tokens)
+    layers = [layer for layer in cache.layers if isinstance(layer, SelectionLayer)]
+    assert layers and all(layer.pre_rope for layer in layers)
+    assert counters["position_switches"] == len(layers)
+    model.config.max_position_embeddings = 64  # a trained length the sequence stays within: no switch
+    with tokaccel.patched(model, policy):
+        _, steps, _, cache = _run(model, batch, steps=8, forward=False)
+    assert (steps - ref_steps).abs().max() <= 1e-4
+    assert not any(layer.pre_rope for layer in cache.layers if isinstance(layer, SelectionLayer))
+
+
+def test_auto_positions_switch_inside_a_chunked_prefill():
+    """The prompt fed in two forwards (24 + 16 tokens, trained length 30): the second one switches
+    the filled cache; the sparse path's logits equal dense over both."""
+    model, batch = tiny_model("llama", max_position_embeddings=30), _batch(pad=0)
+    ids, cache_kwarg = batch["input_ids"], tokaccel.cache.cache_kwarg(model)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        with tokaccel.patched(model, "tokenselect", k=40, n_init=4, n_local=8, chunk=8, position_mode="auto",
+                              dense_fallback=False):
+            cache = DynamicCache(config=model.config)
+            first = model(input_ids=ids[:, :24], use_cache=True, **{cache_kwarg: cache}).logits
+            assert not cache.layers[0].pre_rope
+            second = model(input_ids=ids[:, 24:], use_cache=True, **{cache_kwarg: cache}).logits
+    assert all(layer.pre_rope for layer in cache.layers)
+    assert (torch.cat((first, second), 1) - ref).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("layout", ["rows", "permuted", "tiles"])
+def test_switching_a_layer_to_pre_rope_keys(layout):
+    """SelectionLayer.to_pre_rope un-rotates the stored keys in place, in every storage layout, and
+    drops the state built from rotated keys; later appends are un-rotated as usual."""
+    B, Hk, N, D = 2, 2, 10, 8
+    keys, values = torch.randn(B, Hk, N + 1, D), torch.randn(B, Hk, N + 1, D)
+    angles = torch.rand(B, N + 1, D // 2) * 6
+    cos, sin = torch.cat((angles.cos(), angles.cos()), -1), torch.cat((angles.sin(), angles.sin()), -1)
+    rotated = rotate(keys, cos, sin)
+    order = None if layout == "rows" else torch.stack([torch.randperm(D) for _ in range(Hk)])
+    tile = 4 if layout == "tiles" else None
+    layer, reference = SelectionLayer(pre_rope=False), SelectionLayer(pre_rope=True)
+    for target in (layer, reference):
+        target.use_key_order(order, tile)
+    layer.update(rotated[:, :, :N], values[:, :, :N])
+    reference.incoming_rope = (cos[:, :N], sin[:, :N])
+    reference.update(rotated[:, :, :N], values[:, :, :N])
+    layer.selection = layer.block_index = "built from rotated keys"
+    layer.to_pre_rope(cos[:, :N], sin[:, :N])
+    assert layer.pre_rope and layer.selection is None and layer.block_index is None
+    torch.testing.assert_close(layer.keys, reference.keys, rtol=0, atol=1e-6)
+    for target in (layer, reference):
+        target.incoming_rope = (cos[:, N:], sin[:, N:])
+        target.update(rotated[:, :, N:], values[:, :, N:])
+    torch.testing.assert_close(layer.keys, reference.keys, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer.values, values)
 
 
 def test_forward_with_autograd_enabled():

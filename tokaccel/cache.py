@@ -125,6 +125,22 @@ class SelectionLayer(DynamicLayer):
         self.key_columns = None if order is None else order.argsort(dim=1)
         self.key_tile = tile
 
+    def to_pre_rope(self, cos: torch.Tensor, sin: torch.Tensor, rope_scaling: float = 1.0) -> None:
+        """Switch a layer that holds rotated keys to `pre_rope`: the N stored keys are un-rotated in
+        place with the (cos, sin) [B, N, R] they were rotated with. The selection state and the
+        block index, built from rotated keys, are dropped."""
+        if self.pre_rope:
+            return
+        if self.get_seq_length() > 0:
+            from .kernels.indexed_attention import natural_columns, tile_keys, untile_keys
+
+            keys = unrotate(natural_columns(untile_keys(self.keys), self.key_columns), cos, sin, rope_scaling)
+            if self.key_order is not None:
+                keys = keys.gather(3, self.key_order[None, :, None, :].expand(keys.shape))
+            self.keys.copy_(keys if self.key_tile is None else tile_keys(keys, self.key_tile))
+        self.pre_rope, self.rope_scaling = True, rope_scaling
+        self.selection = self.block_index = None
+
     def allocated_bytes(self) -> int:
         """Bytes held by the K and V buffers (stored tokens plus at most GROW tokens of headroom)."""
         return sum(b.untyped_storage().nbytes() for b in (self._kbuf, self._vbuf) if b is not None)

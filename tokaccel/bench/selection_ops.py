@@ -67,13 +67,18 @@ class _Module:
         self.training = False
 
 
+def _compact(policy: TokenSelect) -> bool:
+    """Compact positions in the op bench, which has no trained length: "auto" is timed as compact."""
+    return policy.position_mode != "original"
+
+
 def _context(policy: TokenSelect, case: OpCase, queries: int, layer: SelectionLayer) -> LayerContext:
     shape = case.shape
     info = LayerInfo(0, shape.num_heads, shape.num_kv_heads, shape.head_dim, None, "full_attention")
-    table = RopeTable(StandardRotary(shape.head_dim)) if policy.compact else None
+    table = RopeTable(StandardRotary(shape.head_dim)) if _compact(policy) else None
     ctx = LayerContext(info, policy, Stats(), module=_Module(case), state=_Runtime(rope=table))
     inputs = {"cache": type("Cache", (), {"layers": [layer]})()}
-    if policy.compact:  # the (cos, sin) HF passes for the queries' own positions N - queries .. N - 1
+    if _compact(policy):  # the (cos, sin) HF passes for the queries' own positions N - queries .. N - 1
         cos, sin = table(case.n, case.device, case.dtype)
         inputs["position_embeddings"] = (cos[None, case.n - queries:], sin[None, case.n - queries:])
     ctx.inputs = inputs
@@ -91,7 +96,7 @@ def selection_setup(case: OpCase) -> OpBench | None:
         raise ValueError(f"N={case.n} fits the budget n_init + k + n_local = {policy.budget}: the step is dense")
     x = case.inputs
     q = x.q if case.phase != "prefill_chunk" else x.q_chunk
-    layer = SelectionLayer(pre_rope=policy.compact)
+    layer = SelectionLayer(pre_rope=_compact(policy))
     ctx = _context(policy, case, q.shape[2], layer)
     keys = x.k
     if isinstance(policy, FASA):  # dims a calibration would give: which ones does not change the cost
@@ -109,11 +114,11 @@ def selection_setup(case: OpCase) -> OpBench | None:
 
     # the un-rotated query the pieces start from, as attend computes it
     q_in = q
-    if policy.compact:
+    if _compact(policy):
         from ..rope import unrotate
 
         q_in = unrotate(q, *ctx.inputs["position_embeddings"], ctx.state.rope.scaling)
-    call = _Call(policy, ctx, q_in, keys, x.v, None, scale, layer)
+    call = _Call(policy, ctx, q_in, keys, x.v, None, scale, layer, _compact(policy))
     if case.phase == "prefill_chunk":
         if type(policy).choose is not TokenSelect.choose:
             return None  # not implemented for HISA / Quest: their miss step is what the issue measures
@@ -143,7 +148,7 @@ def _decode_bench(case, policy, call, layer, total) -> OpBench:
     own_score_bytes, own_score_flops = score_info.pop("score_bytes", None), score_info.pop("score_flops", None)
     idx, valid = assemble(call.first, policy.n_init, mid, mid_valid, torch.full_like(call.first, end), n, None)
     L = idx.shape[1]
-    cos, sin = call.ctx.state.rope(L, idx.device, torch.float32) if policy.compact else (None, None)
+    cos, sin = call.ctx.state.rope(L, idx.device, torch.float32) if call.compact else (None, None)
     start = L - valid.sum(1)
     q_bytes = case.batch * case.shape.num_heads * case.shape.head_dim * case.itemsize
     read_bytes = kv_bytes(case, L) + q_bytes
@@ -220,7 +225,7 @@ def _prefill_bench(case, policy, call, total) -> OpBench:
     rows = torch.cat((idx, torch.arange(a, n, device=idx.device).expand(idx.shape[0], -1)), dim=1)
     col_valid = torch.cat((valid, torch.ones_like(rows[:, idx.shape[1]:]).bool()), dim=1)
     L = rows.shape[1]
-    cos, sin = call.ctx.state.rope(L, q.device, torch.float32) if policy.compact else (None, None)
+    cos, sin = call.ctx.state.rope(L, q.device, torch.float32) if call.compact else (None, None)
     B, H, D = case.batch, case.shape.num_heads, case.shape.head_dim
     q_bytes = B * H * c * D * case.itemsize
     score_bytes = kv_bytes(case, end - policy.n_init, values=False)

@@ -10,7 +10,11 @@ Every token stays in the cache; each attention call reads `sinks ∪ top-k ∪ l
 
 Positions: `position_mode="compact"` (paper default) stores un-rotated keys (`tokaccel.cache.
 SelectionLayer`) and rotates the gathered rows to positions 0..L-1 with the query right after
-them, so no attended distance exceeds L; "original" keeps HF's rotated keys and positions.
+them, so no attended distance exceeds L; "original" keeps HF's rotated keys and positions; "auto"
+is original while the sequence fits the model's trained length (`max_position_embeddings`) and
+compact beyond it: the forward that takes a cache past it un-rotates the stored keys in place
+(`SelectionLayer.to_pre_rope`, at the positions the call's `position_ids` imply) and the layer
+stays compact until the cache is emptied.
 Compact positions are meant for contexts beyond the trained length; inside it they cost accuracy
 at small budgets (SmolLM2, 1.9K-token passkey, k=256: 1/5 compact, 3/5 original = dense 3/5) and
 at long ones (Gemma-3-270M, trained to 32K, niah_single_2 at 32K, k=2048, 10 samples: compact 30,
@@ -48,7 +52,7 @@ from ..selection import (HEAD_MAPPINGS, DecodeRows, SelectionState, assemble, at
 from .base import TREE_KWARG, LayerContext, LayerInfo, Policy
 from .dense import dense_with_stats
 
-POSITION_MODES = ("compact", "original")
+POSITION_MODES = ("compact", "original", "auto")
 _ROW_SLACK = 128  # columns allocated past L in `DecodeRows`, for the hits that follow
 
 
@@ -57,6 +61,7 @@ class _Runtime:
     """Per-layer objects set at patch time."""
 
     rope: RopeTable | None = None
+    trained_length: int | None = None  # the model's max_position_embeddings (position_mode="auto")
     tree_states: list | None = None  # per-node selection states of the last verified draft tree
 
 
@@ -72,7 +77,10 @@ class TokenSelect(Policy):
         0 reuses forever, 1 only for an identical query (paper 0.9).
     pool: None, or an odd max-pool kernel over the votes (keeps neighbours of strong tokens; 15
         keeps whole needle sentences where scattered tokens of them win without it).
-    position_mode: "compact" (selected keys re-rotated to contiguous positions) or "original".
+    position_mode: "compact" (selected keys re-rotated to contiguous positions), "original" (the
+        model's own positions) or "auto": original while the sequence fits the model's trained length
+        (`config.max_position_embeddings`), compact beyond it; a cache switches once, in the forward
+        that takes it past that length (its stored keys are un-rotated in place).
     head_mapping: "group" (query head h reads KV head h // G, as attention does) or
         "release_mod" (h mod Hk, the official release's GQA bug; for reproduction only).
     tail: the prompt's last chunk selects with the per-query soft votes of its last `tail`
@@ -137,7 +145,15 @@ class TokenSelect(Policy):
 
     @property
     def compact(self) -> bool:
+        """Compact positions from the first token (position_mode="compact")."""
         return self.position_mode == "compact"
+
+    def _compact_at(self, ctx: LayerContext, length: int) -> bool:
+        """Whether a sequence of `length` tokens attends with compact positions."""
+        if self.position_mode != "auto":
+            return self.compact
+        limit = ctx.state.trained_length
+        return limit is None or length > limit
 
     def new_layer_state(self, layer: LayerInfo) -> _Runtime:
         return _Runtime()
@@ -151,14 +167,16 @@ class TokenSelect(Policy):
             if ctx.policy is None:
                 continue
             module = ctx.module
-            if self.compact:
+            if self.position_mode != "original":
                 rotary = find_rotary_embedding(model, module.config)
                 if rotary is None:
                     raise NotImplementedError(
-                        f"{self.name}: position_mode='compact' needs the model's rotary embedding module "
-                        f"(a *RotaryEmbedding); none found in {type(model).__name__}. Use position_mode='original'")
+                        f"{self.name}: position_mode={self.position_mode!r} needs the model's rotary embedding "
+                        f"module (a *RotaryEmbedding); none found in {type(model).__name__}. "
+                        "Use position_mode='original'")
                 layer_type = ctx.info.layer_type
                 ctx.state.rope = tables.setdefault(layer_type, RopeTable(rotary, layer_type))
+                ctx.state.trained_length = getattr(module.config, "max_position_embeddings", None)
             handles.append(module.register_forward_pre_hook(self._install_hook(ctx), with_kwargs=True))
         return handles
 
@@ -169,18 +187,47 @@ class TokenSelect(Policy):
             cache = call_cache(kwargs)
             if cache is None:
                 return
-            if layer_idx < len(cache.layers) and getattr(cache.layers[layer_idx], "is_sliding", False):
+            held = cache.layers[layer_idx] if layer_idx < len(cache.layers) else None
+            if getattr(held, "is_sliding", False):
                 return  # a sliding-window layer (e.g. Mistral's): it stays dense, see attend()
-            scaling = ctx.state.rope.scaling if self.compact else 1.0
-            layer = install_selection_layer(cache, layer_idx, self.compact, scaling)
+            compact = self.compact
+            if self.position_mode == "auto":
+                compact = self._auto_mode(ctx, held, args, kwargs)
+            scaling = ctx.state.rope.scaling if compact else 1.0
+            layer = install_selection_layer(cache, layer_idx, compact, scaling)
             layer.use_key_order(self.key_order(ctx), self.key_tile(ctx, _device_of(args, kwargs)))
-            if self.compact:
+            if compact:
                 if kwargs.get("position_embeddings") is None:
                     raise NotImplementedError(f"{self.name}: {type(module).__name__} is called without "
                                               "position_embeddings (cos, sin); use position_mode='original'")
                 layer.incoming_rope = kwargs["position_embeddings"]
 
         return hook
+
+    def _auto_mode(self, ctx: LayerContext, held, args: tuple, kwargs: dict) -> bool:
+        """position_mode="auto": whether the layer's cache (`held`, None before the first call) stores
+        pre-RoPE keys for this call; switches a filled layer to them when this call takes the sequence
+        past the trained length."""
+        past = held.get_seq_length() if held is not None else 0
+        hidden = args[0] if args else kwargs["hidden_states"]
+        compact = self._compact_at(ctx, past + hidden.shape[1])
+        if not isinstance(held, SelectionLayer):
+            return compact
+        if past == 0:  # an emptied cache: a new sequence decides afresh
+            held.pre_rope, held.rope_scaling = compact, ctx.state.rope.scaling if compact else 1.0
+        elif held.pre_rope:
+            return True
+        elif compact:  # the stored keys were rotated at the positions HF gave them
+            position_ids = kwargs.get("position_ids")
+            if position_ids is None:
+                raise NotImplementedError(f"{self.name}: position_mode='auto' needs the attention call's "
+                                          "position_ids to switch to compact positions")
+            offset = past - position_ids[:, :1].to(hidden.device)  # [B or 1, 1]: left padding
+            positions = (torch.arange(past, device=hidden.device)[None] - offset).clamp_min(0)
+            cos, sin = ctx.state.rope(int(positions.max()) + 1, hidden.device, torch.float32)
+            held.to_pre_rope(cos[positions], sin[positions], ctx.state.rope.scaling)
+            ctx.stats["position_switches"] += 1
+        return compact
 
     def key_order(self, ctx: LayerContext) -> torch.Tensor | None:
         """[Hk, D] long: the head-dim order the layer's cache stores keys in (None: natural)."""
@@ -203,8 +250,9 @@ class TokenSelect(Policy):
         layer = cache.layers[idx] if cache is not None and idx < len(cache.layers) else None
         layer = layer if isinstance(layer, SelectionLayer) else None
         S, D, N = query.shape[2], query.shape[3], key.shape[-2]  # key: rows or column tiles (FASA on CPU)
+        compact = layer.pre_rope if layer is not None else self._compact_at(ctx, N)
         q_pre = None
-        if self.compact:
+        if compact:
             cos, sin = ctx.inputs["position_embeddings"]
             scaling = ctx.state.rope.scaling
             if layer is None:  # no cache (use_cache=False): this call's keys are still rotated
@@ -214,13 +262,14 @@ class TokenSelect(Policy):
             return self._attend_tree(ctx, module, query, key, value, attention_mask, layer, q_pre, tree, kwargs)
         if self.dense_fallback and N <= self.budget:
             key = _natural(key, layer)
-            if self.compact:  # positions 0..N-1: the same distances as the model's own positions
+            if compact:  # positions 0..N-1: the same distances as the model's own positions
                 cos_t, sin_t = ctx.state.rope(N, query.device, query.dtype)
                 query, key = rotate(q_pre, cos_t[N - S:], sin_t[N - S:]), rotate(key, cos_t, sin_t)
             return dense_with_stats(ctx, module, query, key, value, attention_mask, **kwargs)
         scale = kwargs.get("scaling")
         scale = float(scale if scale is not None else getattr(module, "scaling", D ** -0.5))
-        call = _Call(self, ctx, q_pre if self.compact else query, key, value, _key_valid(attention_mask, N), scale, layer)
+        call = _Call(self, ctx, q_pre if compact else query, key, value, _key_valid(attention_mask, N), scale, layer,
+                     compact)
         ctx.stats["sparse_calls"] += 1
         if S == 1:
             return call.decode(layer), None
@@ -245,7 +294,7 @@ class TokenSelect(Policy):
         if self.dense_fallback and P + len(tree.levels) + 1 <= self.budget:  # every node dense: one call
             ctx.state.tree_states = None
             key = _natural(key, layer)
-            if self.compact:
+            if q_pre is not None:
                 cos, sin = ctx.state.rope(P + S, query.device, query.dtype)
                 positions = torch.cat((torch.arange(P, device=query.device), P + depth))
                 key = rotate(key, cos[positions], sin[positions])
@@ -253,7 +302,7 @@ class TokenSelect(Policy):
             return dense_with_stats(ctx, module, query, key, value, attention_mask, **kwargs)
         scale = kwargs.get("scaling")
         scale = float(scale if scale is not None else getattr(module, "scaling", query.shape[3] ** -0.5))
-        call = _Call(self, ctx, q_pre if self.compact else query, key, value, None, scale, layer)
+        call = _Call(self, ctx, q_pre if q_pre is not None else query, key, value, None, scale, layer, q_pre is not None)
         ctx.stats["sparse_calls"] += 1
         out, ctx.state.tree_states = call.decode_tree(layer.selection if layer is not None else None, tree)
         return out, None
@@ -319,8 +368,10 @@ class _Call:
     i of head h at column [h, i]; `SelectionLayer.key_order`), None: natural. key may also be
     column tiles [B, Hk, D/w, N, w] (`SelectionLayer.key_tile`, FASA on CPU): hence key.shape[-2]."""
 
-    def __init__(self, policy: TokenSelect, ctx: LayerContext, query, key, value, key_valid, scale, layer=None):
+    def __init__(self, policy: TokenSelect, ctx: LayerContext, query, key, value, key_valid, scale, layer=None,
+                 compact: bool | None = None):
         self.p, self.ctx, self.layer = policy, ctx, layer  # layer: the SelectionLayer, None without a cache
+        self.compact = policy.compact if compact is None else compact  # compact positions in this call
         self.query, self.key, self.value = query, key, value
         self.key_columns = layer.key_columns if layer is not None else None
         self.key_valid, self.scale = key_valid, scale
@@ -332,7 +383,7 @@ class _Call:
     def _scoring_query(self, q: torch.Tensor) -> torch.Tensor:
         """Queries [B, H, ..., D] as they score: in compact mode un-rotated, then rotated at
         position n_local against un-rotated keys (every candidate at distance n_local)."""
-        if not self.p.compact:
+        if not self.compact:
             return q
         cos, sin = self.ctx.state.rope(self.p.n_local + 1, q.device, q.dtype)
         cos, sin = cos[self.p.n_local:], sin[self.p.n_local:]
@@ -370,12 +421,12 @@ class _Call:
         self.ctx.stats.record_read(B, S, L, self.key.shape[1], D, self.key.element_size())
         if not isinstance(rows, int):
             cos = sin = None
-            if self.p.compact:
+            if self.compact:
                 cos, sin = self.ctx.state.rope(L, q.device, torch.float32)
             return indexed_prefill_attention(q, self.key, self.value, rows, col_valid, self.scale, cos, sin,
                                              self.key_columns)
         k, v = _natural(self.key[..., :rows, :], self.layer), self.value[:, :, :rows]
-        if self.p.compact:
+        if self.compact:
             cos, sin = self.ctx.state.rope(L, q.device, q.dtype)
             k, q = rotate(k, cos, sin), rotate(q, cos[L - S:], sin[L - S:])
         if L == S and col_valid is None:  # a fresh prompt's leading chunks: SDPA skips the masked half
@@ -449,7 +500,7 @@ class _Call:
 
         L = idx.shape[1]
         cos = sin = None
-        if self.p.compact:
+        if self.compact:
             cos, sin = self.ctx.state.rope(L, idx.device, torch.float32)
         start = L - valid.sum(1)
         query = self.query[:, :, 0] if query is None else query
