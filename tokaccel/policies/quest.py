@@ -42,7 +42,7 @@ class Quest(TokenSelect):
     dense_layers: the first layers, which stay dense (2).
     head_vote: "max" or "soft", how per-head page bounds become one page score (see above).
     theta: selection-cache threshold (1.0: select at every step, as the paper).
-    position_mode: "original" (Quest keeps positions) or "compact".
+    position_mode: "original" (Quest keeps positions), "compact" or "auto" (see TokenSelect).
     Other options: see TokenSelect (`pool` is not supported: pages are read whole).
     """
 
