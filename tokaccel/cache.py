@@ -92,18 +92,22 @@ class SelectionLayer(DynamicLayer):
             cos, sin = self.incoming_rope
             key_states = unrotate(key_states, cos, sin, self.rope_scaling)
         self.incoming_rope = None
+        self.keys, self._kbuf = _append(self.keys, self._kbuf, self._stored_layout(key_states))
+        self.values, self._vbuf = _append(self.values, self._vbuf, value_states)
+        return self.keys, self.values
+
+    def _stored_layout(self, keys: torch.Tensor) -> torch.Tensor:
+        """Keys [B, Hk, S, D] in natural rows -> the layout the layer stores: head dims in `key_order`,
+        then column tiles [B, Hk, D/w, S, w] when `key_tile`."""
         if self.key_order is not None:
-            if self.key_order.device != key_states.device:
-                self.key_order, self.key_columns = self.key_order.to(key_states.device), \
-                    self.key_columns.to(key_states.device)
-            key_states = key_states.gather(3, self.key_order[None, :, None, :].expand(key_states.shape))
+            if self.key_order.device != keys.device:
+                self.key_order, self.key_columns = self.key_order.to(keys.device), self.key_columns.to(keys.device)
+            keys = keys.gather(3, self.key_order[None, :, None, :].expand(keys.shape))
         if self.key_tile is not None:
             from .kernels.indexed_attention import tile_keys  # lazy: keeps `import tokaccel` free of triton
 
-            key_states = tile_keys(key_states, self.key_tile)  # [B, Hk, D/w, S, w]
-        self.keys, self._kbuf = _append(self.keys, self._kbuf, key_states)
-        self.values, self._vbuf = _append(self.values, self._vbuf, value_states)
-        return self.keys, self.values
+            keys = tile_keys(keys, self.key_tile)
+        return keys
 
     def use_key_order(self, order: torch.Tensor | None, tile: int | None = None) -> None:
         """Store keys with head dims in `order` ([Hk, D] long, each row a permutation; None =
@@ -132,12 +136,10 @@ class SelectionLayer(DynamicLayer):
         if self.pre_rope:
             return
         if self.get_seq_length() > 0:
-            from .kernels.indexed_attention import natural_columns, tile_keys, untile_keys
+            from .kernels.indexed_attention import natural_columns, untile_keys
 
             keys = unrotate(natural_columns(untile_keys(self.keys), self.key_columns), cos, sin, rope_scaling)
-            if self.key_order is not None:
-                keys = keys.gather(3, self.key_order[None, :, None, :].expand(keys.shape))
-            self.keys.copy_(keys if self.key_tile is None else tile_keys(keys, self.key_tile))
+            self.keys.copy_(self._stored_layout(keys))
         self.pre_rope, self.rope_scaling = True, rope_scaling
         self.selection = self.block_index = None
 
