@@ -45,7 +45,7 @@ def test_exact_when_budget_covers_context(kind, name, mode, dense_fallback, monk
     model, batch, (ref_prefill, ref_steps, ref_tokens) = _dense_reference(kind)
     if mode == "auto":  # a trained length one token past the prompt: the cache switches at the second step
         monkeypatch.setattr(model.config, "max_position_embeddings", batch["input_ids"].shape[1] + 1)
-    policy = POLICIES[name](k=40, position_mode=mode, dense_fallback=dense_fallback, **SMALL)
+    policy = POLICIES[name](k=40, position_mode=mode, dense_fallback=dense_fallback, auto_overrun=0, **SMALL)
     with tokaccel.patched(model, policy):
         prefill, steps, tokens, cache = _run(model, batch, steps=4)
         counters = tokaccel.stats(model)

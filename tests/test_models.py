@@ -1,6 +1,9 @@
 """The embedded model loader."""
 
+import warnings
+
 import pytest
+import torch
 
 from tokaccel import models
 
@@ -42,3 +45,17 @@ def test_smollm2_answers_a_simple_question(smollm2):
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_emulated_half_precision_on_cpu_warns(dtype, monkeypatch):
+    monkeypatch.setattr(models, "_cpu_has_fast", lambda d: d == torch.float32)
+    with pytest.warns(RuntimeWarning, match=f"{dtype} on this CPU .*emulated.*use float32"):
+        models.warn_if_slow_dtype(dtype, "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        models.warn_if_slow_dtype(torch.float32, "cpu")
+        models.warn_if_slow_dtype(dtype, "meta")  # not a CPU: nothing to say
+        monkeypatch.setattr(models, "_cpu_has_fast", lambda d: True)
+        models.warn_if_slow_dtype(dtype, "cpu")
+

@@ -1,6 +1,7 @@
 """TokenSelect: exactness vs dense, selection, the soft vote, the selection cache, one copy of K, errors."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -115,13 +116,14 @@ def test_exact_without_a_cache():
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
 @pytest.mark.parametrize("dense_fallback", [True, False])
 def test_auto_positions_switch_to_compact_past_the_trained_length(kind, dense_fallback):
-    """position_mode="auto" with a trained length of 44: the 40-token prompt (batch 2, left padding)
-    runs with original positions, the 5th decode step takes the cache past 44 and every layer
-    switches to pre-RoPE keys, un-rotated in place at the positions HF gave them. With a covering
-    budget the logits equal dense before and after the switch."""
-    model, batch = tiny_model(kind, max_position_embeddings=44), _batch()
+    """position_mode="auto" with a trained length of 42 and auto_overrun=2: the 40-token prompt
+    (batch 2, left padding) runs with original positions, the 5th decode step takes the cache past
+    44 and every layer switches to pre-RoPE keys, un-rotated in place at the positions HF gave them.
+    With a covering budget the logits equal dense before and after the switch."""
+    model, batch = tiny_model(kind, max_position_embeddings=42), _batch()
     _, ref_steps, ref_tokens, _ = _run(model, batch, steps=8, forward=False)
-    policy = TokenSelect(k=48, n_init=4, n_local=8, chunk=16, position_mode="auto", dense_fallback=dense_fallback)
+    policy = TokenSelect(k=48, n_init=4, n_local=8, chunk=16, position_mode="auto", auto_overrun=2,
+                         dense_fallback=dense_fallback)
     with tokaccel.patched(model, policy):
         _, steps, tokens, cache = _run(model, batch, steps=8, forward=False)
         counters = tokaccel.stats(model)
@@ -130,11 +132,29 @@ def test_auto_positions_switch_to_compact_past_the_trained_length(kind, dense_fa
     layers = [layer for layer in cache.layers if isinstance(layer, SelectionLayer)]
     assert layers and all(layer.pre_rope for layer in layers)
     assert counters["position_switches"] == len(layers)
-    model.config.max_position_embeddings = 64  # a trained length the sequence stays within: no switch
-    with tokaccel.patched(model, policy):
-        _, steps, _, cache = _run(model, batch, steps=8, forward=False)
-    assert (steps - ref_steps).abs().max() <= 1e-4
-    assert not any(layer.pre_rope for layer in cache.layers if isinstance(layer, SelectionLayer))
+    for trained_length, overrun in ((64, 0), (42, 6)):  # the sequence (48) stays within: no switch
+        model.config.max_position_embeddings = trained_length
+        with tokaccel.patched(model, dataclasses.replace(policy, auto_overrun=overrun)):
+            _, steps, _, cache = _run(model, batch, steps=8, forward=False)
+            assert tokaccel.stats(model).get("position_switches", 0) == 0
+        assert (steps - ref_steps).abs().max() <= 1e-4
+        assert not any(layer.pre_rope for layer in cache.layers if isinstance(layer, SelectionLayer))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_auto_within_its_overrun_runs_original_positions(kind):
+    """A prompt that fills the trained length (40) decoded 8 steps past it, within auto_overrun:
+    with a budget far below the context (the sparse path selects), auto gives original mode's
+    logits bit for bit and switches no layer."""
+    model, batch = tiny_model(kind, max_position_embeddings=40), _batch()
+    results = {}
+    for mode in ("original", "auto"):
+        with tokaccel.patched(model, TokenSelect(k=6, n_init=2, n_local=4, chunk=8, position_mode=mode, auto_overrun=8,
+                                                 dense_fallback=False)):
+            results[mode] = _run(model, batch, steps=8)
+            assert tokaccel.stats(model).get("position_switches", 0) == 0
+    for original, auto in zip(results["original"][:3], results["auto"][:3]):
+        assert torch.equal(original, auto)
 
 
 def test_auto_positions_switch_inside_a_chunked_prefill():
@@ -145,7 +165,7 @@ def test_auto_positions_switch_inside_a_chunked_prefill():
     with torch.no_grad():
         ref = model(input_ids=ids).logits
         with tokaccel.patched(model, "tokenselect", k=40, n_init=4, n_local=8, chunk=8, position_mode="auto",
-                              dense_fallback=False):
+                              auto_overrun=0, dense_fallback=False):
             cache = DynamicCache(config=model.config)
             first = model(input_ids=ids[:, :24], use_cache=True, **{cache_kwarg: cache}).logits
             assert not cache.layers[0].pre_rope
@@ -412,6 +432,7 @@ def test_rope_unrotate_inverts_rotate():
     ({"n_local": 0}, r"n_local=0 .*integer >= 1"),
     ({"pool": 4}, r"pool=4 .*odd integer"),
     ({"tail": -1}, r"tail=-1 .*integer >= 0"),
+    ({"auto_overrun": -1}, r"auto_overrun=-1 .*integer >= 0"),
     ({"position_mode": "absolute"}, r"position_mode='absolute' .*compact.*original"),
     ({"head_mapping": "mod"}, r"head_mapping='mod' .*group.*release_mod"),
     ({"dense_fallback": "yes"}, r"dense_fallback='yes'"),

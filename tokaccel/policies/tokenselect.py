@@ -79,8 +79,12 @@ class TokenSelect(Policy):
         keeps whole needle sentences where scattered tokens of them win without it).
     position_mode: "compact" (selected keys re-rotated to contiguous positions), "original" (the
         model's own positions) or "auto": original while the sequence fits the model's trained length
-        (`config.max_position_embeddings`), compact beyond it; a cache switches once, in the forward
-        that takes it past that length (its stored keys are un-rotated in place).
+        (`config.max_position_embeddings`) plus `auto_overrun` tokens, compact beyond it; a cache
+        switches once, in the forward that takes it past that length (its stored keys are
+        un-rotated in place).
+    auto_overrun: tokens a sequence may run past the trained length before "auto" switches (256):
+        a prompt that fills the window is then answered in one position layout, with the few
+        positions past the window that dense decoding would use too.
     head_mapping: "group" (query head h reads KV head h // G, as attention does) or
         "release_mod" (h mod Hk, the official release's GQA bug; for reproduction only).
     tail: the prompt's last chunk selects with the per-query soft votes of its last `tail`
@@ -106,6 +110,7 @@ class TokenSelect(Policy):
     theta: float = 0.9
     pool: int | None = None
     position_mode: str = "compact"
+    auto_overrun: int = 256
     head_mapping: str = "group"
     tail: int = 16
     dense_fallback: bool = True
@@ -123,6 +128,7 @@ class TokenSelect(Policy):
         integer("n_local", 1)  # the local window holds the current token
         integer("chunk", 1)
         integer("tail", 0)
+        integer("auto_overrun", 0)
         if isinstance(self.theta, bool) or not isinstance(self.theta, (int, float)) or not 0 <= self.theta <= 1:
             raise ValueError(f"{self.name}: theta={self.theta!r} is not valid; expected a number in [0, 1]")
         if self.pool is not None and (isinstance(self.pool, bool) or not isinstance(self.pool, int)
@@ -153,7 +159,7 @@ class TokenSelect(Policy):
         if self.position_mode != "auto":
             return self.compact
         limit = ctx.state.trained_length
-        return limit is None or length > limit
+        return limit is None or length > limit + self.auto_overrun
 
     def new_layer_state(self, layer: LayerInfo) -> _Runtime:
         return _Runtime()
