@@ -66,16 +66,43 @@ def assert_interp_case_ok(results, case):
     assert result["ok"], result["msg"]
 
 
-def assert_compile_without_spills(run_python, tmp_path, modules, kernel_names, caps=(80, 90)):
-    """AOT-compile `kernel_names` (registered by importing `modules`) for each cap in a child
-    process without TRITON_INTERPRET; every config must compile, with registers and no spills."""
-    code = (f"import json, sys\nimport {', '.join(modules)}\nfrom tokaccel.kernels import aot\n"
-            f"json.dump(aot.compile_all(caps={tuple(caps)!r}, kernels={list(kernel_names)!r}), open(sys.argv[1], 'w'), "
-            "default=str)\n")
-    path = tmp_path / "aot.json"
-    run_python(["-c", code, str(path)], timeout=600, TRITON_INTERPRET=None)
-    report = json.loads(path.read_text())
-    rows = [r for rep in report["reports"] for r in rep["configs"]]
+AOT_CAPS = (80, 90)
+_AOT_CHILD = """
+import json, sys
+from tokaccel.kernels import aot
+json.dump(aot.compile_all(caps={caps}), open(sys.argv[1], "w"), default=str)
+"""
+
+
+@pytest.fixture(scope="session")
+def aot_report(tmp_path_factory, run_python):
+    """Every registered kernel AOT-compiled for sm_80 and sm_90, once per session (about 2.5 min on
+    2 cores), in a child process when triton was imported in interpreter mode. Printed as a table,
+    written as JSON to $TOKACCEL_AOT_REPORT if set, else to a pytest tmp dir."""
+    from tokaccel.kernels import aot, interpret_enabled
+
+    path = os.environ.get("TOKACCEL_AOT_REPORT") or str(tmp_path_factory.mktemp("aot") / "aot_report.json")
+    if interpret_enabled():
+        run_python(["-c", _AOT_CHILD.format(caps=AOT_CAPS), path], timeout=900, TRITON_INTERPRET=None)
+        with open(path) as f:
+            report = json.load(f)
+    else:
+        report = aot.compile_all(caps=AOT_CAPS)
+        aot.write_report(report, path)
+    print(f"\nAOT report ({report['triton_version']}, ptxas {report['ptxas_version']}): {path}")
+    print(f"{'kernel':16} {'config':22} {'sm':>3} {'regs':>5} {'spills':>6} {'stack':>5} {'smem':>6} {'s':>5}")
+    for rep in report["reports"]:
+        for r in rep["configs"]:
+            print(f"{r['kernel']:16} {r['config']:22} {r['cap']:>3} {str(r['n_regs']):>5} {str(r['n_spills']):>6} "
+                  f"{str(r.get('stack_frame_bytes')):>5} {str(r['shared_bytes']):>6} {r['compile_s']:>5}"
+                  + (f"  ERROR {r['error']}" if r["error"] else ""))
+    return report
+
+
+def assert_compiled_without_spills(report, kernel_names, caps=AOT_CAPS):
+    """In the session's AOT report, every config of `kernel_names` compiled for each cap, with
+    registers and no spills."""
+    rows = [r for rep in report["reports"] if rep["kernel"] in kernel_names for r in rep["configs"]]
     assert {(r["kernel"], r["cap"]) for r in rows} == {(n, c) for n in kernel_names for c in caps}
     for r in rows:
         where = f"{r['kernel']}/{r['config']} sm_{r['cap']}"
@@ -83,14 +110,15 @@ def assert_compile_without_spills(run_python, tmp_path, modules, kernel_names, c
         assert 0 < r["n_regs"] <= 255 and r["n_spills"] == 0, (where, r["n_regs"], r["n_spills"])
 
 
-def triton_kernel_tests(worker_path, cases, modules, kernel_names):
+def triton_kernel_tests(worker_path, cases, kernel_names):
     """The three module-level pieces every kernel test file shares, to assign by name:
 
         interp_results, test_triton_matches_reference, test_kernels_compile_for_sm80_and_sm90_without_spills = \\
-            triton_kernel_tests(WORKER, CASES, ["tokaccel.kernels.x"], ["x_kernel"])
+            triton_kernel_tests(WORKER, CASES, ["x_kernel"])
 
     a module-scoped fixture running `cases` under the interpreter, one test per case (Triton equal
-    to the reference), and the AOT compile test for sm_80 / sm_90 without spills."""
+    to the reference), and the AOT compile test for sm_80 / sm_90 without spills (reading the
+    session's `aot_report`)."""
     from tokaccel.kernels import HAS_TRITON
 
     needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -105,7 +133,7 @@ def triton_kernel_tests(worker_path, cases, modules, kernel_names):
         assert_interp_case_ok(interp_results, case)
 
     @needs_triton
-    def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path, run_python):
-        assert_compile_without_spills(run_python, tmp_path, modules, kernel_names)
+    def test_kernels_compile_for_sm80_and_sm90_without_spills(aot_report):
+        assert_compiled_without_spills(aot_report, kernel_names)
 
     return results, test_triton_matches_reference, test_kernels_compile_for_sm80_and_sm90_without_spills

@@ -1,55 +1,25 @@
 """Ahead-of-time compilation of every registered Triton kernel for sm_80 and sm_90, no GPU needed.
 
-Records registers and spills per kernel config (printed, and written as JSON to
-$TOKACCEL_AOT_REPORT if set, else to a pytest tmp dir) so GPU breakage and register
-pressure regressions show on a CPU-only machine. Compilation needs triton imported
-without TRITON_INTERPRET, so under TRITON_INTERPRET=1 it runs in a child process.
+Records registers and spills per kernel config (the session fixture `aot_report` in conftest.py,
+shared with each kernel file's compile test) so GPU breakage and register pressure regressions
+show on a CPU-only machine. Compilation needs triton imported without TRITON_INTERPRET, so under
+TRITON_INTERPRET=1 it runs in a child process.
 """
-import json
-import os
-
 import pytest
 
 from tokaccel.kernels import HAS_TRITON, KERNELS, interpret_enabled
 
+from tests.kernels.conftest import AOT_CAPS
+
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
-CAPS = (80, 90)
 # Kernels allowed to spill (name -> max n_spills); every other kernel must not spill.
 ALLOWED_SPILLS = {}
-
-_CHILD = """
-import json, sys
-from tokaccel.kernels import aot
-json.dump(aot.compile_all(caps={caps}), open(sys.argv[1], "w"), default=str)
-"""
-
-
-@pytest.fixture(scope="module")
-def aot_report(tmp_path_factory, run_python):
-    from tokaccel.kernels import aot
-
-    path = os.environ.get("TOKACCEL_AOT_REPORT") or str(tmp_path_factory.mktemp("aot") / "aot_report.json")
-    if interpret_enabled():
-        run_python(["-c", _CHILD.format(caps=CAPS), path], timeout=600, TRITON_INTERPRET=None)
-        with open(path) as f:
-            report = json.load(f)
-    else:
-        report = aot.compile_all(caps=CAPS)
-        aot.write_report(report, path)
-    print(f"\nAOT report ({report['triton_version']}, ptxas {report['ptxas_version']}): {path}")
-    print(f"{'kernel':16} {'config':22} {'sm':>3} {'regs':>5} {'spills':>6} {'stack':>5} {'smem':>6} {'s':>5}")
-    for rep in report["reports"]:
-        for r in rep["configs"]:
-            print(f"{r['kernel']:16} {r['config']:22} {r['cap']:>3} {str(r['n_regs']):>5} {str(r['n_spills']):>6} "
-                  f"{str(r.get('stack_frame_bytes')):>5} {str(r['shared_bytes']):>6} {r['compile_s']:>5}"
-                  + (f"  ERROR {r['error']}" if r["error"] else ""))
-    return report
 
 
 def test_every_kernel_compiled_for_every_cap(aot_report):
     seen = {(rep["kernel"], rep["cap"]) for rep in aot_report["reports"]}
-    assert seen == {(name, cap) for name in KERNELS for cap in CAPS}
+    assert seen == {(name, cap) for name in KERNELS for cap in AOT_CAPS}
     for rep in aot_report["reports"]:
         assert rep["configs"], f"{rep['kernel']} has no AOT configs"
         for r in rep["configs"]:

@@ -248,4 +248,4 @@ CASES = _cases()
 
 
 interp_results, test_triton_matches_reference, test_kernels_compile_for_sm80_and_sm90_without_spills = \
-    triton_kernel_tests(WORKER, CASES, ["tokaccel.kernels.eviction"], KERNEL_NAMES)
+    triton_kernel_tests(WORKER, CASES, KERNEL_NAMES)

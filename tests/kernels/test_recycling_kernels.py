@@ -72,4 +72,4 @@ CASES = _cases()
 
 
 interp_results, test_triton_matches_reference, test_kernels_compile_for_sm80_and_sm90_without_spills = \
-    triton_kernel_tests(WORKER, CASES, ["tokaccel.kernels.recycling"], KERNEL_NAMES)
+    triton_kernel_tests(WORKER, CASES, KERNEL_NAMES)

@@ -69,6 +69,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..models import warn_if_slow_dtype
 from ..policies import parse_spec
 from .timing import copy_bandwidth, is_cuda, paired_ratio, synchronize, time_interleaved
 
@@ -382,6 +383,7 @@ class OpsConfig:
             device = torch.device("cuda", torch.cuda.current_device())
         ns = self.ns or (CUDA_SWEEP if device.type == "cuda" else CPU_SWEEP)
         dtype = self.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        warn_if_slow_dtype(dtype, device)
         unknown = [s for s in self.shapes if s not in SHAPES]
         if unknown:
             raise ValueError(f"unknown shape(s) {unknown}; valid: {sorted(SHAPES)}")
