@@ -58,4 +58,3 @@ def test_emulated_half_precision_on_cpu_warns(dtype, monkeypatch):
         models.warn_if_slow_dtype(dtype, "meta")  # not a CPU: nothing to say
         monkeypatch.setattr(models, "_cpu_has_fast", lambda d: True)
         models.warn_if_slow_dtype(dtype, "cpu")
-
