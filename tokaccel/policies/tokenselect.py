@@ -11,10 +11,10 @@ Every token stays in the cache; each attention call reads `sinks ∪ top-k ∪ l
 Positions: `position_mode="compact"` (paper default) stores un-rotated keys (`tokaccel.cache.
 SelectionLayer`) and rotates the gathered rows to positions 0..L-1 with the query right after
 them, so no attended distance exceeds L; "original" keeps HF's rotated keys and positions; "auto"
-is original while the sequence fits the model's trained length (`max_position_embeddings`) and
-compact beyond it: the forward that takes a cache past it un-rotates the stored keys in place
-(`SelectionLayer.to_pre_rope`, at the positions the call's `position_ids` imply) and the layer
-stays compact until the cache is emptied.
+is original while the sequence fits the model's trained length (`max_position_embeddings`) plus
+`auto_overrun` tokens and compact beyond it: the forward that takes a cache past that un-rotates
+the stored keys in place (`SelectionLayer.to_pre_rope`, at the positions the call's
+`position_ids` imply) and the layer stays compact until the cache is emptied.
 Compact positions are meant for contexts beyond the trained length; inside it they cost accuracy
 at small budgets (SmolLM2, 1.9K-token passkey, k=256: 1/5 compact, 3/5 original = dense 3/5) and
 at long ones (Gemma-3-270M, trained to 32K, niah_single_2 at 32K, k=2048, 10 samples: compact 30,
