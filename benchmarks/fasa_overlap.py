@@ -6,8 +6,10 @@ Per layer: 32 query positions over the second half of a 2,048-token sample; for 
 |topK(q[dims] . K[dims]) ∩ topK(q . K)| / K with K = 128 (causal), averaged over heads and positions.
 This is the raw per-head ranking, not the policy's soft-vote selection.
 Needs the calibration: tokaccel calibrate --model smollm2 --policy fasa --samples 2 --length 2048
-Run: python benchmarks/fasa_overlap.py  (about 20 s on one CPU thread).
+Run: python benchmarks/fasa_overlap.py [CALIBRATION.json]  (default: the model's calibration file;
+about 20 s on one CPU thread).
 """
+import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -49,14 +51,16 @@ class _CombinedOverlap(Dense):
 @torch.no_grad()
 def main():
     torch.set_num_threads(1)
-    calibration = load_calibration(None, "smollm2-135m-instruct", "hf")
+    source = sys.argv[1] if len(sys.argv) > 1 else None
+    calibration = load_calibration(source, "smollm2-135m-instruct", "hf")
     model, tokenizer = models.load("smollm2")
     ids = haystack_samples(tokenizer, 3, 2048)[2]  # starts 2/3 into the essay; calibration's 2 samples at 0 and 1/2
     probe = _CombinedOverlap(calibration=calibration, overlap={})
     with patched(model, probe):
         model(input_ids=ids, use_cache=False)
     values = [probe.overlap[layer] for layer in sorted(probe.overlap)]
-    print(f"{calibration_path('smollm2-135m-instruct')}: {calibration['n_fc']} FCs per head")
+    print(f"{source or calibration_path('smollm2-135m-instruct')}: {calibration['n_fc']} FCs per head, "
+          f"selection {calibration.get('selection', 'single')}")
     print(f"combined top-{TOP_K} overlap: mean {sum(values) / len(values):.3f}, "
           f"layers {min(values):.3f}-{max(values):.3f}")
     print("per layer:", [round(v, 2) for v in values])

@@ -10,10 +10,10 @@ import torch
 
 import tokaccel
 from tokaccel.cache import SelectionLayer
-from tokaccel.calibrate import calibrate_fasa, fc_dims, fc_overlap, save_calibration
+from tokaccel.calibrate import calibrate_fasa, combined_fcs, dominant_fcs, fc_dims, fc_overlap, save_calibration
 from tokaccel.policies import FASA, TokenSelect
 from tokaccel.kernels.indexed_attention import natural_columns, untile_keys
-from tokaccel.policies.fasa import dominant_first
+from tokaccel.policies.fasa import dominant_first, resized
 
 from .conftest import tiny_model
 from .test_tokenselect import _batch, _run
@@ -23,12 +23,12 @@ D = 16  # head dim of the tiny models: hidden 64 / 4 heads; D/2 = 8 FCs
 
 
 @functools.lru_cache(maxsize=None)
-def _calibration(pairing="hf", **overrides):
+def _calibration(pairing="hf", selection="single", **overrides):
     """Calibration dict of the tiny Llama on two random 64-token samples."""
     model = tiny_model("llama", **dict(overrides))
     g = torch.Generator().manual_seed(5)
     samples = [torch.randint(1, 128, (1, 64), generator=g) for _ in range(2)]
-    return calibrate_fasa(model, samples, top_k=8, queries=8, pairing=pairing)
+    return calibrate_fasa(model, samples, top_k=8, queries=8, pairing=pairing, selection=selection)
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,18 +40,63 @@ def _dense_reference():
 # ----------------------------------------------------------------------------- calibration
 
 
-def test_calibration_of_a_tiny_model_is_well_formed(tmp_path):
-    cal = _calibration()
+@pytest.mark.parametrize("selection", ["single", "combined"])
+def test_calibration_of_a_tiny_model_is_well_formed(tmp_path, selection):
+    cal = _calibration(selection=selection)
     assert (cal["num_layers"], cal["num_kv_heads"], cal["head_dim"], cal["n_fc"], cal["pairing"]) == (2, 2, D, 2, "hf")
+    assert cal["selection"] == selection
     assert len(cal["dominant_fcs"]) == 2 and all(len(layer) == 2 for layer in cal["dominant_fcs"])
     for layer, overlaps in zip(cal["dominant_fcs"], cal["overlap"]):
         for fcs, row in zip(layer, overlaps):
-            assert fcs == sorted(set(fcs)) and len(fcs) == 2 and all(0 <= f < D // 2 for f in fcs)
+            assert len(set(fcs)) == 2 and all(0 <= f < D // 2 for f in fcs)
             assert all(0.0 <= v <= 1.0 for v in row) and len(row) == D // 2
-            assert min(row[f] for f in fcs) >= max(v for f, v in enumerate(row) if f not in fcs)
+            if selection == "single":  # the n_fc best single overlaps, ascending ids
+                assert fcs == sorted(fcs) and min(row[f] for f in fcs) >= max(v for f, v in enumerate(row) if f not in fcs)
+            else:  # greedy order: the first pick, alone, is the best single FC
+                assert row[fcs[0]] == max(row)
     assert 0.0 < cal["chosen_overlap_mean"] <= 1.0
+    assert (0.0 < cal["combined_overlap_mean"] <= 1.0) if selection == "combined" else "combined_overlap_mean" not in cal
+    with pytest.raises(ValueError, match="selection='best' is not valid"):
+        calibrate_fasa(tiny_model("llama"), [torch.ones(1, 64, dtype=torch.long)], top_k=8, selection="best")
     path = save_calibration(cal, tmp_path / "cal.json")
     assert json.loads(path.read_text())["dominant_fcs"] == cal["dominant_fcs"]
+
+
+def test_combined_selection_skips_a_chunk_that_repeats_another():
+    """Full score a + b: FCs 1 and 3 each carry a / 2, FC 2 carries b (var(a) = 2 var(b)). Alone,
+    FC 1 and FC 3 agree best with the full score, so the single ranking keeps both and the pair
+    scores like a alone; the greedy choice takes FC 1 and then FC 2, whose sum a / 2 + b agrees far
+    better."""
+    g = torch.Generator().manual_seed(1)
+    N = 512
+    a, b = 2 ** 0.5 * torch.randn(N, generator=g), torch.randn(N, generator=g)
+    q, k = torch.zeros(1, N, D), torch.zeros(1, N, D)
+    q[..., [1, 2, 3]] = 1.0
+    k[0, :, 1], k[0, :, 3], k[0, :, 2] = a / 2, a / 2, b
+    positions = torch.arange(N - 64, N, 8)
+    single = fc_overlap(q, k, positions, 32, "hf")
+    assert dominant_fcs(single, 2) == [[1, 3]]
+    (chosen,), (summed,) = combined_fcs([(q[:, positions], k)], positions, 2, 32, "hf")
+    assert chosen == [1, 2] and summed > 0.65
+    full = (a + b)[None].expand(len(positions), -1).masked_fill(torch.arange(N) > positions[:, None], float("-inf"))
+    top = full.topk(32, -1).indices
+    only_a = a[None].expand(len(positions), -1).masked_fill(torch.arange(N) > positions[:, None], float("-inf"))
+    pair_overlap = (only_a.topk(32, -1).indices[:, :, None] == top[:, None]).any(-1).float().mean()
+    assert summed > float(pair_overlap) + 0.1
+
+
+def test_n_fc_other_than_the_calibration_s():
+    """single: re-ranked by single-FC overlap; combined: the greedy order's prefix, topped up."""
+    overlap = [0.1, 0.9, 0.5, 0.7, 0.2, 0.3, 0.6, 0.4]
+    assert resized([3, 2], overlap, 3, "single") == [1, 3, 6]  # best single overlaps
+    assert resized([3, 2], overlap, 1, "combined") == [3]  # a prefix of the greedy order
+    assert resized([3, 2], overlap, 4, "combined") == [3, 2, 1, 6]  # then the best single ones
+    cal = _calibration(selection="combined")
+    model = tiny_model("llama")
+    with tokaccel.patched(model, FASA(k=6, n_fc=3, calibration=cal, **SMALL)):
+        ctx = model._tokaccel_patch.contexts[1]
+        expect = [fc_dims(resized(c, row, 3, "combined"), D, "hf") for c, row in zip(cal["dominant_fcs"][1], cal["overlap"][1])]
+        assert ctx.state.dims.tolist() == expect
 
 
 def test_hf_pairing_is_i_and_i_plus_half_and_interleaved_is_adjacent():
@@ -175,8 +220,7 @@ def test_cache_stores_each_heads_dominant_dims_first_and_nothing_else(n_fc):
         assert tokaccel.stats(model)["scored_keys"] > 0
     layer, n, d = cache.layers[1], batch["input_ids"].shape[1], 2 * n_fc
     dense = dense_cache.layers[1].keys[:, :, :n]
-    fcs = cal["dominant_fcs"][1] if n_fc == cal["n_fc"] else \
-        [torch.tensor(row).topk(n_fc).indices.tolist() for row in cal["overlap"][1]]  # FASA's re-ranking
+    fcs = [resized(c, row, n_fc, cal["selection"]) for c, row in zip(cal["dominant_fcs"][1], cal["overlap"][1])]
     dims = torch.tensor([fc_dims(f, D, "hf") for f in fcs])
     assert torch.equal(layer.key_order, dominant_first(dims, D))
     assert torch.equal(natural_columns(untile_keys(layer.keys), layer.key_columns)[:, :, :n], dense)

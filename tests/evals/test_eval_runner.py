@@ -2,6 +2,7 @@
 the CLI and the plots."""
 
 import json
+import warnings
 
 import pytest
 
@@ -274,3 +275,10 @@ def test_fasa_results_record_which_calibration_they_used(smol, tmp_path, monkeyp
     assert configs[0]["policy_config"]["calibration"] is None and "policy_provenance" not in \
         run_eval(smol, policies=["dense"], tasks=["passkey"], lengths=[256], samples=1, out=tmp_path / "d",
                  progress=False)[0]["config"]
+    rerun = dict(policies=["fasa:k=64"], tasks=["passkey"], lengths=[256], samples=1, out=tmp_path / "None", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same file: reused quietly
+        assert run_eval(smol, **rerun)[0]["skipped"]
+    save_calibration({**cal, "selection": "combined"})  # recalibrated: the folder's hash does not see it
+    with pytest.warns(RuntimeWarning, match="computed with another calibration .* pass --force"):
+        assert run_eval(smol, **rerun)[0]["skipped"]

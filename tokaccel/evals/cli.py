@@ -8,6 +8,7 @@
     tokaccel eval --policies dense,kvpress:snapkv@0.5          # a kvpress press next to tokaccel (pip install kvpress)
     tokaccel eval --tasks longbench:hotpotqa,infbench:passkey --longbench-dir DIR --infbench-dir DIR
     tokaccel eval --report results/          # task x length tables of the results already there
+    tokaccel eval --report results/ --against tokenselect --margin 3   # paired differences on the same prompts
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ def add_commands(subparsers) -> None:
                    help="with --report: tables per share of the prompt kept / read (eviction vs selection at equal "
                         "budget) and the plots DIR/plots/<model>_accuracy_at_equal_budget.png (vs length) and "
                         "<model>_accuracy_vs_budget.png (where a cell has two or more budgets)")
+    p.add_argument("--against", metavar="SPEC", default=None,
+                   help='with --report: every result paired, row by row on the same prompts, with the result of SPEC '
+                        '("tokenselect", "tokenselect:pool=15", "dense") at the same budget: difference, 95 %% interval '
+                        'and verdict at --margin')
+    p.add_argument("--margin", type=float, default=3.0, help="with --against: the margin in points (default 3)")
     p.set_defaults(func=run)
 
 
@@ -97,6 +103,19 @@ def run(args) -> int:
         if not results:
             print(f"tokaccel eval: no results under {args.report}", file=sys.stderr)
             return 2
+        if args.against:
+            from .paired import paired_comparisons, paired_table
+
+            if args.margin <= 0:
+                print(f"tokaccel eval: --margin must be > 0, got {args.margin:g}", file=sys.stderr)
+                return 2
+            comparisons = paired_comparisons(results, args.against, args.margin)
+            if not comparisons:
+                print(f"tokaccel eval: no result under {args.report} pairs with {args.against!r} (same prompts and "
+                      "budget; the reference is matched by its label without k / n_init / n_local / budget)", file=sys.stderr)
+                return 2
+            print(paired_table(comparisons, args.margin), end="")
+            return 0
         if args.by_budget:
             from .budgets import budget_tables, plot_budgets, plot_vs_budget
 

@@ -29,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -261,6 +262,24 @@ def write_result(folder: Path, config: dict, metrics: dict, rows: list[dict]) ->
     os.replace(tmp, folder)
 
 
+def warn_if_calibration_changed(folder: Path) -> bool:
+    """Warn (and return True) when a result's calibration file (FASA's, `policy_provenance`) now
+    holds other content than the run used: the folder's hash covers the policy's options, not
+    the file, so a rerun would otherwise reuse the old result silently."""
+    from ..policies.fasa import content_digest
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    used = (config.get("policy_provenance") or {}).get("calibration") or {}
+    source = Path(used.get("source") or "")
+    if not used.get("sha256") or not source.is_file():
+        return False
+    if content_digest(json.loads(source.read_text())) == used["sha256"]:
+        return False
+    warnings.warn(f"{folder} was computed with another calibration than {source} holds now (sha256 "
+                  f"{used['sha256']}); its result is reused: pass --force (force=True) to recompute", RuntimeWarning)
+    return True
+
+
 def load_result(folder: str | Path) -> dict:
     """The result dict of a finished result folder."""
     folder = Path(folder)
@@ -456,6 +475,7 @@ def run_eval(model="smollm2-135m-instruct", policies=("dense",), tasks=("passkey
                     folder = result_dir(out, name, task, length, method, settings)
                     if not force and (folder / "metrics.json").exists():
                         logger.info("exists, skipped: %s", folder)
+                        warn_if_calibration_changed(folder)
                         results.append({**load_result(folder), "skipped": True})
                         bar.update(samples)
                         continue

@@ -48,9 +48,24 @@ class _FasaRuntime(_Runtime):
 
 def calibration_identity(cal: dict, source: str) -> dict:
     """Where a calibration came from, its settings and a digest of its content (for results)."""
-    settings = ("model", "pairing", "n_fc", "top_k", "samples", "length", "queries_per_sample", "chosen_overlap_mean")
-    digest = hashlib.sha256(json.dumps(cal, sort_keys=True).encode()).hexdigest()[:16]
-    return {"source": source, "sha256": digest, **{k: cal.get(k) for k in settings}}
+    settings = ("model", "pairing", "selection", "n_fc", "top_k", "samples", "length", "queries_per_sample",
+                "chosen_overlap_mean", "combined_overlap_mean")
+    return {"source": source, "sha256": content_digest(cal), **{k: cal.get(k) for k in settings}}
+
+
+def content_digest(cal: dict) -> str:
+    """16 hex digits of sha256 over the calibration's JSON (sorted keys)."""
+    return hashlib.sha256(json.dumps(cal, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resized(chosen: list[int], overlap: list[float], n_fc: int, selection: str) -> list[int]:
+    """n_fc FCs of one head from a calibration that chose `chosen`: by single-FC overlap for a
+    "single" calibration; for a "combined" one the first n_fc of its greedy order, topped up by
+    single-FC overlap when n_fc is larger."""
+    if selection != "combined":
+        return torch.tensor(overlap).topk(n_fc).indices.tolist()
+    ranking = torch.tensor(overlap).topk(len(overlap)).indices.tolist()
+    return (list(chosen) + [f for f in ranking if f not in chosen])[:n_fc]
 
 
 def dominant_first(dims: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -138,7 +153,8 @@ class FASA(TokenSelect):
                 if overlap is None:
                     raise ValueError(f"fasa: n_fc={n_fc} differs from the calibration's {len(ranked[0])} and the "
                                      f"file has no per-FC overlaps to re-rank{fix}")
-                ranked = [torch.tensor(row).topk(n_fc).indices.tolist() for row in overlap[info.layer_idx]]
+                ranked = [resized(fcs, row, n_fc, cal.get("selection", "single"))
+                          for fcs, row in zip(ranked, overlap[info.layer_idx])]
             dims = torch.tensor([fc_dims(fcs, info.head_dim, self.pairing) for fcs in ranked], dtype=torch.long)
             ctx.state.dims, ctx.state.order = dims, dominant_first(dims, info.head_dim)
         return super().on_patch(model, contexts)
