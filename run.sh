@@ -4,7 +4,7 @@
 #   ./run.sh test [pytest options]          run the whole test suite
 #   ./run.sh setup                          only create/refresh the virtual environment
 #   ./run.sh tokaccel ARGS...               any tokaccel command inside the environment
-# The venv lives in .venv (override with TOKACCEL_VENV) and is re-synced only when setup.py or
+# The venv lives in .venv (override with TOKACCEL_VENV) and is re-synced only when pyproject.toml or
 # this script change. Torch: CPU build 2.13.0 where there is no NVIDIA GPU, the default CUDA
 # build otherwise; TOKACCEL_TORCH overrides the pip requirement (e.g. "torch==2.13.0").
 set -euo pipefail
@@ -20,7 +20,7 @@ setup() {
     local pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
     local stamp="$VENV/.tokaccel-setup"
     local want
-    want="$(cat "$ROOT/setup.py" "$ROOT/run.sh" | sha256sum | cut -d' ' -f1)"
+    want="$(cat "$ROOT/pyproject.toml" "$ROOT/run.sh" | sha256sum | cut -d' ' -f1)"
     if [ "$(cat "$stamp" 2>/dev/null || true)" = "$want" ]; then
         return 0
     fi
@@ -49,7 +49,7 @@ command="${1:-}"
 case "$command" in
     setup) setup ;;
     demo) setup; exec "$VENV/bin/tokaccel" demo "$@" ;;
-    test) setup; cd "$ROOT"; exec "$VENV/bin/python" -m pytest tests -q "$@" ;;
+    test) setup; cd "$ROOT"; exec "$VENV/bin/python" -m pytest -q "$@" ;;
     tokaccel) setup; exec "$VENV/bin/tokaccel" "$@" ;;
     *) echo "usage: ./run.sh demo|test|setup|tokaccel [args...]" >&2; exit 2 ;;
 esac

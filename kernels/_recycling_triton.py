@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
-import triton
 import triton.language as tl
 
 from .dispatch import AotConfig, register_kernel

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tokaccel.recycling as R
-from tests.conftest import tiny_model
+from testkit.models import tiny_model
 from tokaccel.cpu_linear import PackedLinear, available, pack_linears, packed_count, packed_linears, unpack_linears
 
 pytestmark = pytest.mark.skipif(not available(), reason="torch built without oneDNN packed linears")

@@ -9,7 +9,7 @@ import tokaccel
 from tokaccel.cache import EvictionLayer, cache_kwarg, output_cache
 from tokaccel.policies import H2O, SnapKV, StreamingLLM, make_policy
 
-from .conftest import tiny_model
+from testkit.models import tiny_model
 
 POLICIES = ["h2o", "streamingllm", "snapkv"]
 
@@ -73,7 +73,7 @@ def test_snapkv_keeps_the_needle_on_a_real_model(smollm2):
     question-side vote keeps the pass key's tokens twice as often as a uniform pick would (measured
     0.51; layers 1-29: the first layer's attention is diffuse); StreamingLLM, sinks + newest
     tokens, keeps none of them."""
-    from .test_tokenselect import _passkey_ids
+    from testkit.models import passkey_ids as _passkey_ids
 
     model, tokenizer = smollm2
     ids = _passkey_ids(tokenizer, 1500, 0.5, "15306")

@@ -15,8 +15,9 @@ from tokaccel.policies import FASA, TokenSelect
 from tokaccel.kernels.indexed_attention import natural_columns, untile_keys
 from tokaccel.policies.fasa import dominant_first, resized
 
-from .conftest import tiny_model
-from .test_tokenselect import _batch, _run
+from testkit.models import tiny_model
+from testkit.models import padded_batch as _batch
+from testkit.models import run_generate as _run
 
 SMALL = dict(n_init=4, n_local=8, chunk=16)
 D = 16  # head dim of the tiny models: hidden 64 / 4 heads; D/2 = 8 FCs
@@ -250,7 +251,9 @@ def test_a_cache_filled_in_one_key_order_refuses_another():
 def test_token_recycling_is_identical_to_greedy(mode):
     """Draft trees verified through FASA's sparse path: each node scores the permuted keys, reads
     them un-permuted, and the accepted path's rows move with their layout."""
-    from tests.test_recycling import _greedy, _prompts, _recycled
+    from testkit.models import greedy as _greedy
+    from testkit.models import random_prompts as _prompts
+    from testkit.models import recycled as _recycled
     from tokaccel import recycling
 
     model = tiny_model("llama")

@@ -9,14 +9,15 @@ import torch
 import tokaccel
 from tokaccel.blocks import BlockIndex
 from tokaccel.cache import SelectionLayer
-from tokaccel.kernels import block_bound_scores, block_summaries
+from tokaccel.kernels.ops import block_bound_scores, block_summaries
 from tokaccel.policies import HISA, Quest, TokenSelect
 from tokaccel.policies.base import LayerContext, LayerInfo
 from tokaccel.policies.tokenselect import _Call
 from tokaccel.stats import Stats
 
-from .conftest import tiny_model
-from .test_tokenselect import _batch, _run
+from testkit.models import tiny_model
+from testkit.models import padded_batch as _batch
+from testkit.models import run_generate as _run
 
 SMALL = dict(n_init=4, n_local=8, chunk=16)
 POLICIES = {

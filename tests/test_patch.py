@@ -13,7 +13,7 @@ import tokaccel
 from tokaccel.policies import Dense, Policy
 from tokaccel.policies.dense import dense_attention
 
-from .conftest import tiny_model
+from testkit.models import tiny_model
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog because it wanted to see", "Paris is"]
 
@@ -184,7 +184,7 @@ def test_bad_input_errors(smollm2):
 
 
 def test_unsupported_models_are_refused():
-    from .legacy_attention_model import LegacyModel
+    from testkit.legacy_attention_model import LegacyModel
 
     with pytest.raises(NotImplementedError, match="LegacyAttention.*AttentionInterface"):
         tokaccel.patch_model(LegacyModel(), "dense")

@@ -6,25 +6,15 @@ import pytest
 import torch
 
 import tokaccel.recycling as R
-from tests.conftest import tiny_model
+from testkit.models import greedy as _greedy
+from testkit.models import random_prompts as _prompts
+from testkit.models import recycled as _recycled
+from testkit.models import tiny_model
 
 
 @pytest.fixture(autouse=True)
 def _calibration_in_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKACCEL_CACHE", str(tmp_path))
-
-
-def _prompts(n, vocab=128, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, vocab, (1, 5 + 3 * i), generator=g) for i in range(n)]
-
-
-def _greedy(model, ids, **kw):
-    return model.generate(ids, **{"do_sample": False, **kw})
-
-
-def _recycled(model, ids, **kw):
-    return model.generate(ids, custom_generate=R.generate, **{"do_sample": False, **kw})
 
 
 # ------------------------------------------------------------------------------------ templates

@@ -14,7 +14,10 @@ from tokaccel.policies import TokenSelect
 from tokaccel.rope import RopeTable, find_rotary_embedding, rotate, unrotate
 from tokaccel.selection import SelectionState, assemble, cache_hits, merge_rows, soft_vote, top_k
 
-from .conftest import tiny_model
+from testkit.models import padded_batch as _batch
+from testkit.models import passkey_ids as _passkey_ids
+from testkit.models import run_generate as _run
+from testkit.models import tiny_model
 
 KINDS = ["llama", "qwen2", "mistral", "gemma3"]
 
@@ -22,23 +25,6 @@ KINDS = ["llama", "qwen2", "mistral", "gemma3"]
 def _tiny(kind):
     # Mistral's tiny config slides over 8 tokens everywhere; full attention is what TokenSelect runs on.
     return tiny_model(kind, sliding_window=None) if kind == "mistral" else tiny_model(kind)
-
-
-def _batch(length=40, pad=9, seed=1):
-    input_ids = torch.randint(1, 128, (2, length), generator=torch.Generator().manual_seed(seed))
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :pad] = 0
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
-@torch.no_grad()
-def _run(model, batch, steps=6, forward=True):
-    """Prefill logits of a plain forward (None if not `forward`), per-step logits of generate
-    [steps, B, V], the generated tokens, and generate's cache."""
-    out = model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True)
-    prefill = model(**batch).logits if forward else None
-    return prefill, torch.stack(out.logits), out.sequences, out.past_key_values
 
 
 # ----------------------------------------------------------------------------- exactness
@@ -580,19 +566,6 @@ def test_sliding_window_only_model_is_refused():
         counters = tokaccel.stats(model)
     assert counters["dense_calls"] > 0 and counters["keys_read"] < counters["query_tokens"] * batch["input_ids"].shape[1]
     assert torch.equal(tokens, ref_tokens) and (steps - ref_steps).abs().max() <= 1e-5
-
-
-def _passkey_ids(tokenizer, n_tokens, depth, key):
-    """A chat prompt of ~n_tokens: filler with the pass key at `depth`, answer prefix included."""
-    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-    reps = (n_tokens - 60) // len(tokenizer(filler, add_special_tokens=False)["input_ids"])
-    at = int(reps * depth)
-    text = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will "
-            "quiz you about the important information there.\n" + filler * at
-            + f"The pass key is {key}. Remember it. {key} is the pass key. " + filler * (reps - at))
-    messages = [{"role": "user", "content": text + "\nWhat is the pass key?"}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(prompt + "The pass key is", return_tensors="pt", add_special_tokens=False)
 
 
 def test_passkey_with_a_small_budget(smollm2):

@@ -11,12 +11,29 @@ Importing tokaccel changes nothing; only patch_model touches a model (and regist
 weights for every nn.Linear, undone by unpack_linears).
 """
 
+import importlib
+
 from . import policies
 from .cpu_linear import pack_linears, unpack_linears
 from .patch import get_policy, patch_model, patched, reset_stats, stats, unpatch_model
 from .policies import Policy, make_policy
 
 __version__ = "0.1.0"
+
+# Public submodules reachable as attributes after a bare `import tokaccel` (tokaccel.models.load,
+# tokaccel.evals.run_eval, ...), each imported on first access only: no import-time cost.
+# The kernel ops are imported from tokaccel.kernels.ops (tokaccel.kernels is a namespace package).
+SUBMODULES = ("bench", "cache", "calibrate", "evals", "models", "recycling", "rope", "selection", "vision")
+
+
+def __getattr__(name: str):
+    if name in SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(SUBMODULES))
 
 __all__ = [
     "patch_model",

@@ -64,7 +64,7 @@ def soft_vote(
     (False: that query does not vote). Returns [B, N] fp32, -inf where not valid.
     Two passes over the logits: max and exp-sum per (head, query), then one normalised head sum.
     """
-    from .kernels import grouped_scores  # lazy: keeps `import tokaccel` free of triton
+    from .kernels.ops import grouped_scores  # lazy: keeps `import tokaccel` free of triton
     from .kernels.soft_vote import softmax_head_sum
 
     qf, weights = score_rows(q, keys.shape[1], head_mapping, query_valid)

@@ -69,7 +69,7 @@ def test_cache_bytes_counts_a_shared_buffer_once():
     from tokaccel.cache import GROW
     from transformers import DynamicCache
 
-    from ..conftest import tiny_model
+    from testkit.models import tiny_model
 
     model = tiny_model()
     ids = torch.randint(1, 128, (1, 40))

@@ -210,7 +210,7 @@ def test_report_tables_keep_dtypes_apart(passkey_run, tmp_path, capsys):
     import shutil
 
     from tokaccel import cli
-    
+
     out, results = passkey_run
     dense = next(r for r in results if r["policy_label"] == "dense")
     shutil.copytree(dense["folder"], tmp_path / "a" / "dense-fp32")

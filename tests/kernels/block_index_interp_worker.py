@@ -34,7 +34,7 @@ def inputs(c):
 def run_cases(cases):
     import torch
 
-    from tokaccel.kernels import interpret_enabled
+    from tokaccel.kernels.ops import interpret_enabled
     from tokaccel.kernels.block_index import (block_bound_scores, block_bound_scores_reference, block_summaries,
                                               block_summaries_reference, block_token_scores,
                                               block_token_scores_reference)

@@ -30,7 +30,7 @@ def inputs(c):
 def run_cases(cases):
     import torch
 
-    from tokaccel.kernels import interpret_enabled
+    from tokaccel.kernels.ops import interpret_enabled
     from tokaccel.kernels.diversity import greedy_select, greedy_select_reference
     from tokaccel.kernels.testing import run_each
 

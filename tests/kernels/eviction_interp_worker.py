@@ -72,7 +72,7 @@ def colsum_inputs(c):
 def run_cases(cases):
     import torch
 
-    from tokaccel.kernels import interpret_enabled
+    from tokaccel.kernels.ops import interpret_enabled
     from tokaccel.kernels._eviction_triton import decode_attention_probs_triton
     from tokaccel.kernels.eviction import (attention_column_sums, attention_column_sums_reference,
                                            decode_attention_probs, decode_attention_probs_reference)

@@ -24,7 +24,7 @@ def inputs(c):
 
 
 def run_cases(cases):
-    from tokaccel.kernels import interpret_enabled
+    from tokaccel.kernels.ops import interpret_enabled
     from tokaccel.kernels.fc_scores import fc_scores, fc_scores_reference
     from tokaccel.kernels.testing import assert_close, run_each
 

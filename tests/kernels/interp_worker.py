@@ -10,7 +10,7 @@ was started with TRITON_INTERPRET=1.
 def run_cases(cases):
     import torch
 
-    from tokaccel.kernels import grouped_scores, grouped_scores_reference, interpret_enabled, resolve_backend
+    from tokaccel.kernels.ops import grouped_scores, grouped_scores_reference, interpret_enabled, resolve_backend
     from tokaccel.kernels._grouped_scores_triton import choose_config, grouped_scores_triton
     from tokaccel.kernels.testing import assert_close, make_qk, run_each
 

@@ -22,7 +22,7 @@ def inputs(c):
 
 
 def run_cases(cases):
-    from tokaccel.kernels import interpret_enabled
+    from tokaccel.kernels.ops import interpret_enabled
     from tokaccel.kernels.last_row import last_row_attention, last_row_attention_reference
     from tokaccel.kernels.testing import assert_close, run_each
 

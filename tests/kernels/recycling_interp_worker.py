@@ -43,7 +43,7 @@ def update_inputs(c):
 def run_cases(cases):
     import torch
 
-    from tokaccel.kernels import interpret_enabled
+    from tokaccel.kernels.ops import interpret_enabled
     from tokaccel.kernels.recycling import (adjacency_update, adjacency_update_reference, tree_draft,
                                             tree_draft_reference)
     from tokaccel.kernels.testing import run_each

@@ -93,7 +93,7 @@ def prefill_inputs(c):
 def run_cases(cases):
     import torch
 
-    from tokaccel.kernels import interpret_enabled
+    from tokaccel.kernels.ops import interpret_enabled
     from tokaccel.kernels._indexed_attention_triton import indexed_decode_attention_triton
     from tokaccel.kernels._soft_vote_triton import softmax_head_sum_triton
     from tokaccel.kernels.indexed_attention import (indexed_decode_attention, indexed_decode_attention_reference,

@@ -7,9 +7,9 @@ TRITON_INTERPRET=1 it runs in a child process.
 """
 import pytest
 
-from tokaccel.kernels import HAS_TRITON, KERNELS, interpret_enabled
+from tokaccel.kernels.ops import HAS_TRITON, KERNELS, interpret_enabled
 
-from tests.kernels.conftest import AOT_CAPS
+from testkit.kernel_tests import AOT_CAPS
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 

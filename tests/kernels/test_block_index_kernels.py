@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.kernels.conftest import load_worker, triton_kernel_tests
+from testkit.kernel_tests import load_worker, triton_kernel_tests
 from tokaccel.kernels.block_index import (block_bound_scores, block_summaries, block_summaries_reference,
                                           block_token_scores_reference)
 

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import tokaccel.kernels as K
+import tokaccel.kernels.ops as K
 from tokaccel.kernels import dispatch
 from tokaccel.kernels.testing import make_qk
 
@@ -108,7 +108,7 @@ IMPORT_WITHOUT_TRITON = """
 import sys
 sys.modules["triton"] = None  # `import triton` now raises ImportError
 import torch
-import tokaccel.kernels as K
+import tokaccel.kernels.ops as K
 assert not K.HAS_TRITON and not K.KERNELS, (K.HAS_TRITON, K.KERNELS)
 assert K.get_op("grouped_scores").triton is None
 q, k = torch.randn(1, 4, 16), torch.randn(1, 2, 5, 16)

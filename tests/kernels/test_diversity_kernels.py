@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.kernels.conftest import triton_kernel_tests
+from testkit.kernel_tests import triton_kernel_tests
 from tokaccel.kernels.diversity import farthest_first, greedy_select
 
 WORKER = Path(__file__).with_name("diversity_interp_worker.py")

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.kernels.conftest import load_worker, triton_kernel_tests
-from tokaccel.kernels import HAS_TRITON, attention_column_sums, decode_attention_probs, get_op
+from testkit.kernel_tests import load_worker, triton_kernel_tests
+from tokaccel.kernels.ops import HAS_TRITON, attention_column_sums, decode_attention_probs, get_op
 from tokaccel.kernels.testing import assert_close
 
 WORKER = Path(__file__).with_name("eviction_interp_worker.py")

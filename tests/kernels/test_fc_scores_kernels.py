@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.kernels.conftest import load_worker, triton_kernel_tests
-from tokaccel.kernels import grouped_scores_reference
+from testkit.kernel_tests import load_worker, triton_kernel_tests
+from tokaccel.kernels.ops import grouped_scores_reference
 from tokaccel.kernels.fc_scores import fc_scores, fc_scores_reference
 
 WORKER = Path(__file__).with_name("fc_scores_interp_worker.py")

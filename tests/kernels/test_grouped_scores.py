@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from tokaccel.kernels import grouped_scores, grouped_scores_reference
+from tokaccel.kernels.ops import grouped_scores, grouped_scores_reference
 from tokaccel.kernels.testing import assert_close, make_qk
 
 
@@ -91,7 +91,7 @@ def test_reference_tiles_equal_one_matmul(monkeypatch, dtype):
     # the torch path scores half-precision keys SCORE_TILE tokens at a time: several full tiles
     # and a partial one, over a strided column slice (FASA's K[..., :d] on GPU), must give the
     # whole product
-    module = importlib.import_module("tokaccel.kernels.grouped_scores")  # the package's name is the op
+    module = importlib.import_module("tokaccel.kernels.grouped_scores")
     q, k = make_qk(2, 6, 3, 40, 64, dtype, seed=7)
     keys = k[..., :32]
     q = q[..., :32].contiguous()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tokaccel.kernels import HAS_TRITON, interpret_enabled
+from tokaccel.kernels.ops import HAS_TRITON, interpret_enabled
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.kernels.conftest import triton_kernel_tests
+from testkit.kernel_tests import triton_kernel_tests
 from tokaccel.kernels.last_row import last_row_attention
 
 WORKER = Path(__file__).with_name("last_row_interp_worker.py")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.kernels.conftest import load_worker, triton_kernel_tests
+from testkit.kernel_tests import load_worker, triton_kernel_tests
 from tokaccel.kernels.recycling import adjacency_update, tree_draft, tree_draft_reference
 
 WORKER = Path(__file__).with_name("recycling_interp_worker.py")

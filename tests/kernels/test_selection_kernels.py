@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.kernels.conftest import load_worker, triton_kernel_tests
-from tokaccel.kernels import interpret_enabled, resolve_backend
+from testkit.kernel_tests import load_worker, triton_kernel_tests
+from tokaccel.kernels.ops import interpret_enabled, resolve_backend
 from tokaccel.kernels.indexed_attention import (gather_rows, indexed_decode_attention, indexed_prefill_attention,
                                                 rotate_rows)
 from tokaccel.rope import rotate

@@ -17,7 +17,7 @@ def test_proxy_eval_cell_runs_through_the_llava_path(gemma3):
 
 
 def test_random_baseline_keeps_the_budget():
-    from tests.vision.tiny_vlms import llava
+    from testkit.tiny_vlms import llava
 
     model, inputs = llava(images_per_row=(1, 2))
     tokaccel.patch_model(model, policy=proxy_eval.RandomKeep(keep=0.25))

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import tokaccel
-from tests.conftest import tiny_model
-from tests.vision import reference
-from tests.vision.tiny_vlms import BUILDERS, IMG
+from testkit.models import tiny_model
+from testkit import vision_reference as reference
+from testkit.tiny_vlms import BUILDERS, IMG
 
 FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm"]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tokaccel
-from tests.vision.tiny_vlms import BUILDERS, IMG
+from testkit.tiny_vlms import BUILDERS, IMG
 from tokaccel.vision.runtime import compact, image_spans, keep_count, top_per_span
 from tokaccel.vision.visionzip import zip_features
 

@@ -171,6 +171,7 @@ class OpBench:
     bytes_read: dict[str, int]
     flops: dict[str, int] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    state: Any = None  # the step's state for inspection after a call (a selection layer); never reported
 
     def __post_init__(self) -> None:
         if "total" not in self.parts:

@@ -179,7 +179,7 @@ def _decode_bench(case, policy, call, layer, total) -> OpBench:
         flops.update(score=own_score_flops or 2 * B * H * (end - policy.n_init) * D)
         flops["total"] = flops["score"] + flops["attention"]
     return OpBench(parts=parts, bytes_read=bytes_read, flops=flops,
-                   info={"k": policy.k, "keys_read": L, "candidates": end - policy.n_init, **score_info})
+                   info={"k": policy.k, "keys_read": L, "candidates": end - policy.n_init, **score_info}, state=layer)
 
 
 def _scoring(case, policy, call, f, end):

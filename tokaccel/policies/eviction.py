@@ -141,7 +141,7 @@ class Eviction(Policy):
         if N == q:  # nothing stored yet: HF's own attention and mask, exactly dense
             out, _ = dense_attention(module, query, key, value, attention_mask, **kwargs)
         elif q == 1 and self.decode_probs:
-            from ..kernels import decode_attention_probs
+            from ..kernels.ops import decode_attention_probs
 
             out, probs = decode_attention_probs(query[:, :, 0], key, value, scale, key_valid)
             out = out[:, None]

@@ -173,7 +173,7 @@ class FASA(TokenSelect):
     def choose(self, call, q, start, end, valid, query_valid=None):
         """Soft vote of the partial scores q[dims] . K[dims] of candidates [start, end); see
         TokenSelect.choose."""
-        from ..kernels import fc_scores
+        from ..kernels.ops import fc_scores
         from ..kernels.soft_vote import softmax_head_sum
 
         dims = call.ctx.state.dims

@@ -42,7 +42,7 @@ class H2O(Eviction):
     def observe(self, layer, query, key, scale, key_valid, new_valid, probs) -> None:
         q = query.shape[2]
         if probs is None:
-            from ..kernels import attention_column_sums
+            from ..kernels.ops import attention_column_sums
 
             weight = None
             if self.alpha != 1:  # query i of q is followed by q-1-i newer ones in this call

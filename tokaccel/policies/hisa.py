@@ -67,7 +67,7 @@ class HISA(TokenSelect):
 
     def choose(self, call, q, start, end, valid, query_valid=None):
         """Stage 1 over the blocks of [start, end), stage 2 inside the m best; see TokenSelect.choose."""
-        from ..kernels import block_bound_scores, block_token_scores, grouped_scores
+        from ..kernels.ops import block_bound_scores, block_token_scores, grouped_scores
         from ..kernels.block_index import block_token_rows
         from ..kernels.soft_vote import softmax_head_sum
 

@@ -73,7 +73,7 @@ class Quest(TokenSelect):
     def choose(self, call, q, start, end, valid, query_valid=None):
         """Pages of [start, end) by bound, best first, while their candidates total <= k; see
         TokenSelect.choose."""
-        from ..kernels import block_bound_scores
+        from ..kernels.ops import block_bound_scores
         from ..kernels.soft_vote import softmax_head_sum
 
         B, T = q.shape[0], self.page

@@ -43,7 +43,7 @@ class SnapKV(Eviction):
         if q == 1:  # a generated token: kept until the budget holds nothing else
             layer.score[:, :, -1] = INF
             return
-        from ..kernels import attention_column_sums
+        from ..kernels.ops import attention_column_sums
 
         w = min(self.window, q)
         votes = attention_column_sums(query[:, :, -w:], key, scale, causal=True, key_valid=key_valid,

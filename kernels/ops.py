@@ -1,4 +1,13 @@
-"""tokaccel.kernels: Triton kernels beside their torch references.
+"""tokaccel.kernels.ops: every public kernel op, with its dispatcher (import ops from here).
+
+Why this folder has no ``__init__.py``: Hugging Face publishes a package named ``kernels``
+that transformers (5.25+) imports. A regular package ``kernels/`` in a checkout would shadow it
+whenever the repository root is on ``sys.path`` (``python -m pytest``, ``python -c`` from the
+root), breaking ``import transformers``. A folder without ``__init__.py`` is only a PEP 420
+namespace portion, which never wins over a regular package found anywhere on ``sys.path``. The
+library reaches this folder as ``tokaccel.kernels`` through the symlink ``tokaccel/kernels ->
+../kernels`` (so editable installs, wheels and a bare checkout all resolve it the same way; the
+wheel holds real files). ``tests/test_packaging.py`` guards both.
 
 Public ops pick a backend per call (see :mod:`tokaccel.kernels.dispatch`): Triton for
 CUDA tensors, the torch reference otherwise; ``TRITON_INTERPRET=1`` runs Triton on
