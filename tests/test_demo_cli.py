@@ -1,5 +1,7 @@
 """The demo and the top-level CLI (smoke: small sizes, real default model)."""
 
+import json
+
 import pytest
 
 from tokaccel import cli
@@ -34,10 +36,14 @@ def test_demo_op_level_finds_the_planted_needles():
     assert "| 4K |" in op_level_table([row])
 
 
-def test_demo_command_runs_the_op_level_part(capsys):
-    assert cli.main(["demo", "--samples", "0", "--op-lengths", "4096", "--policy", SMALL]) == 0
+def test_demo_command_runs_the_op_level_part_and_writes_its_result(capsys, tmp_path):
+    assert cli.main(["demo", "--samples", "0", "--op-lengths", "4096", "--policy", SMALL, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "2. Op level" in out and "16 / 16" in out
+    (path,) = tmp_path.glob("demo-*.json")
+    record = json.loads(path.read_text())
+    assert record["options"]["policy"] == SMALL and "git_commit" in record["metadata"]
+    assert record["op_level"]["rows"][0]["needles_found"] == 16 and "end_to_end" not in record
 
 
 def test_cli_lists_policies(capsys):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tokaccel
+from tokaccel.patch import patch_state
 from tokaccel.cache import SelectionLayer
 from tokaccel.calibrate import calibrate_fasa, combined_fcs, dominant_fcs, fc_dims, fc_overlap, save_calibration
 from tokaccel.policies import FASA, TokenSelect
@@ -95,7 +96,7 @@ def test_n_fc_other_than_the_calibration_s():
     cal = _calibration(selection="combined")
     model = tiny_model("llama")
     with tokaccel.patched(model, FASA(k=6, n_fc=3, calibration=cal, **SMALL)):
-        ctx = model._tokaccel_patch.contexts[1]
+        ctx = patch_state(model).contexts[1]
         expect = [fc_dims(resized(c, row, 3, "combined"), D, "hf") for c, row in zip(cal["dominant_fcs"][1], cal["overlap"][1])]
         assert ctx.state.dims.tolist() == expect
 

@@ -241,3 +241,20 @@ def test_cache_argument_under_both_transformers_names():
     assert cache_kwarg(Old()) == "past_key_values" and cache_kwarg(New()) == "cache"
     model = tiny_model("llama")
     assert cache_kwarg(model) in inspect.signature(model.forward).parameters
+
+
+def test_patch_state_is_the_one_reader_of_the_patch_attribute():
+    """patch_state gives what patch_model installed (None when unpatched); no other module of the
+    library reads the attribute by its name."""
+    from pathlib import Path
+
+    model = tiny_model()
+    assert tokaccel.patch_state(model) is None
+    with tokaccel.patched(model, "dense"):
+        state = tokaccel.patch_state(model)
+        assert state.policy is tokaccel.get_policy(model) and len(state.contexts) == 2
+    assert tokaccel.patch_state(model) is None
+    package = Path(tokaccel.__file__).parent
+    readers = [p.relative_to(package) for p in package.rglob("*.py")
+               if p.name != "patch.py" and "_tokaccel_patch" in p.read_text(encoding="utf-8")]
+    assert readers == []

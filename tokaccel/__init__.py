@@ -15,7 +15,7 @@ import importlib
 
 from . import policies
 from .cpu_linear import pack_linears, unpack_linears
-from .patch import get_policy, patch_model, patched, reset_stats, stats, unpatch_model
+from .patch import get_policy, patch_model, patch_state, patched, reset_stats, stats, unpatch_model
 from .policies import Policy, make_policy
 
 __version__ = "0.1.0"
@@ -45,6 +45,7 @@ __all__ = [
     "stats",
     "reset_stats",
     "get_policy",
+    "patch_state",
     "pack_linears",
     "unpack_linears",
 ]

@@ -179,7 +179,7 @@ def calibrate_fasa(model, samples: list[torch.Tensor], top_k: int = 128, fractio
     """The calibration dict of `model`: samples are input_ids [1, L] (same L); for every layer
     and KV head, the overlap of each FC (D/2 of them) and the dominant `fraction` of the FCs,
     chosen by `selection` ("single": by their own overlap; "combined": greedy for their sum)."""
-    from .patch import patched
+    from .patch import patch_state, patched
 
     check_pairing(pairing)
     if selection not in SELECTIONS:
@@ -196,7 +196,7 @@ def calibrate_fasa(model, samples: list[torch.Tensor], top_k: int = 128, fractio
                                overlaps={}, captures={} if selection == "combined" else None)
     started = time.perf_counter()
     with patched(model, recorder):
-        infos = [ctx.info for ctx in model._tokaccel_patch.contexts]
+        infos = [ctx.info for ctx in patch_state(model).contexts]
         for ids in samples:
             model(input_ids=ids.reshape(1, -1).to(device), use_cache=False)
     infos = sorted(infos, key=lambda info: info.layer_idx)

@@ -188,7 +188,7 @@ def patch_model(model: torch.nn.Module, policy: str | Policy = "dense", **config
 
 def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
     """Undo patch_model exactly: hooks removed, attention implementation restored."""
-    state: PatchState | None = getattr(model, _PATCH_ATTR, None)
+    state = patch_state(model)
     if state is None:
         raise ValueError("model is not patched by tokaccel")
     for handle in state.handles:
@@ -212,22 +212,28 @@ def patched(model: torch.nn.Module, policy: str | Policy = "dense", **config):
         unpatch_model(model)
 
 
+def patch_state(model: torch.nn.Module) -> PatchState | None:
+    """What patch_model installed on `model` (its policy, the per-layer contexts, the counters),
+    or None when the model is not patched. The one reader of the attribute patch_model sets."""
+    return getattr(model, _PATCH_ATTR, None)
+
+
 def get_policy(model: torch.nn.Module) -> Policy | None:
     """The policy a model is patched with, or None."""
-    state = getattr(model, _PATCH_ATTR, None)
+    state = patch_state(model)
     return state.policy if state else None
 
 
 def stats(model: torch.nn.Module) -> dict:
     """Counters of a patched model (see tokaccel.stats.Stats) with derived rates."""
-    state: PatchState | None = getattr(model, _PATCH_ATTR, None)
+    state = patch_state(model)
     if state is None:
         raise ValueError("model is not patched by tokaccel")
     return state.stats.summary()
 
 
 def reset_stats(model: torch.nn.Module) -> None:
-    state: PatchState | None = getattr(model, _PATCH_ATTR, None)
+    state = patch_state(model)
     if state is None:
         raise ValueError("model is not patched by tokaccel")
     state.stats.clear()

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from .cache import cache_kwarg, call_cache
 from .cpu_linear import available as packing_available
 from .cpu_linear import packed_count
+from .patch import patch_state
 from .policies.base import TREE_KWARG
 
 SLOTS = 8  # candidates kept per token (columns of A)
@@ -357,6 +358,14 @@ def recycling_state(model) -> RecyclingState | None:
     return model.__dict__.get(_STATE_ATTR)
 
 
+def set_recycling_state(model, state: RecyclingState | None) -> None:
+    """Give the model this hot-start state (None: start cold), e.g. to keep one per variant."""
+    if state is None:
+        model.__dict__.pop(_STATE_ATTR, None)
+    else:
+        model.__dict__[_STATE_ATTR] = state
+
+
 def reset(model) -> None:
     """Forget the model's adjacency matrix, tree timings and counters (the next call starts cold)."""
     model.__dict__.pop(_STATE_ATTR, None)
@@ -372,7 +381,7 @@ def _calibration_key(model, device) -> str:
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     dtype = next(model.parameters()).dtype
     name = getattr(model.config, "_name_or_path", "") or type(model).__name__
-    patch = getattr(model, "_tokaccel_patch", None)
+    patch = patch_state(model)
     policy = str(patch.policy) if patch is not None else "unpatched"
     return (f"{name}|{policy}|{type(model).__name__}|L{cfg.num_hidden_layers}|H{cfg.hidden_size}|V{cfg.vocab_size}|"
             f"{device.type}|{str(dtype).replace('torch.', '')}|threads{torch.get_num_threads()}|"
@@ -592,7 +601,7 @@ def generate(
         fixed = tree if isinstance(tree, TreeTemplate) else TreeTemplate(tree)
 
     # a policy that verifies trees itself (TokenSelect) gets the tree with the verify forward
-    patch = getattr(model, "_tokaccel_patch", None)
+    patch = patch_state(model)
 
     def tree_kwargs(t: TreeTemplate) -> dict:
         return {TREE_KWARG: t} if patch is not None and patch.policy.verifies_trees else {}

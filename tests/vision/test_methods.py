@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import tokaccel
+from tokaccel.patch import patch_state
 from testkit.tiny_vlms import BUILDERS, IMG
 from tokaccel.vision.runtime import compact, image_spans, keep_count, top_per_span
 from tokaccel.vision.visionzip import zip_features
@@ -34,7 +35,7 @@ def test_fastv_score_is_the_eager_last_row_attention():
     tokaccel.patch_model(model, policy="fastv", keep=1.0, layer=2)
     with torch.no_grad():
         model(**inputs)
-    pruner = model._tokaccel_patch.contexts[0].state
+    pruner = patch_state(model).contexts[0].state
     torch.testing.assert_close(pruner.current.signals[1], attn[:, :, -1].mean(1), rtol=1e-4, atol=1e-6)
 
 
@@ -43,7 +44,7 @@ def test_fastv_keeps_the_most_attended_image_tokens():
     tokaccel.patch_model(model, policy="fastv", keep=4, layer=2)
     with torch.no_grad():
         model(**inputs)
-    pruner = model._tokaccel_patch.contexts[0].state
+    pruner = patch_state(model).contexts[0].state
     scores = pruner.current.signals[1][0]
     image = (inputs["input_ids"][0] == IMG).nonzero().flatten()
     first, second = image[:16], image[16:]

@@ -172,14 +172,15 @@ def run_spec(config: SpecConfig, metadata: dict | None = None, progress: bool = 
 def _switch_state(model, states: dict, name: str | None) -> None:
     """Give each recycling variant its own hot-start state (matrix, tree timings), so one variant
     never drafts from what another just learned on the same prompt."""
-    from ..recycling import _STATE_ATTR
+    from ..recycling import recycling_state, set_recycling_state
 
     current = states.get("_current")
     if current is not None:
-        states[current] = model.__dict__.pop(_STATE_ATTR, None)
+        states[current] = recycling_state(model)
+    set_recycling_state(model, None)
     states["_current"] = name
-    if name is not None and states.get(name) is not None:
-        model.__dict__[_STATE_ATTR] = states[name]
+    if name is not None:
+        set_recycling_state(model, states.get(name))
 
 
 def summarize(rows: list[dict]) -> list[dict]:

@@ -26,7 +26,9 @@ POLICIES = (FastV, VTCCLS, VisionZip, DivPrune, MMR, ToDRE)
 def last_selection(model: torch.nn.Module) -> list[list[int]] | None:
     """Kept token offsets (within each image, ascending) of the last pruned prompt, images in
     batch-major prompt order; None before the first one."""
-    state = getattr(model, "_tokaccel_patch", None)
+    from ..patch import patch_state
+
+    state = patch_state(model)
     pruner = next((c.state for c in state.contexts), None) if state is not None else None
     if pruner is None or not hasattr(pruner, "last_selection"):
         raise ValueError("model is not patched with a visual-token pruning policy")
