@@ -16,7 +16,8 @@ import importlib
 from . import policies
 from .cpu_linear import pack_linears, unpack_linears
 from .patch import get_policy, patch_model, patch_state, patched, reset_stats, stats, unpatch_model
-from .policies import Policy, make_policy
+from .policies import Policy
+from .registry import make_policy
 
 __version__ = "0.1.0"
 

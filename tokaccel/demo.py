@@ -126,7 +126,7 @@ def op_level(policy: str, lengths: list[int], repeats: int = 5, needles: int = 1
     from .bench.ops import SHAPES, OpCase, OpInputs, sdpa_setup
     from .bench.selection_ops import selection_setup
     from .bench.timing import paired_ratio, time_interleaved
-    from .policies import make_policy
+    from .registry import make_policy
 
     shape, spec = SHAPES["smollm2"], make_policy(policy)
     rows = []

@@ -19,7 +19,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
 
 from .cache import call_cache
-from .policies import LayerContext, LayerInfo, Policy, make_policy
+from .policies import LayerContext, LayerInfo, Policy
+from .registry import make_policy
 from .policies.dense import dense_with_stats
 from .stats import Stats
 

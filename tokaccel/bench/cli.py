@@ -37,7 +37,7 @@ def _sizes(text: str) -> list[int]:
 
 def _names(text: str) -> list[str]:
     """Comma-separated names; a policy spec's own commas ("tokenselect:k=1,theta=0.9") are kept."""
-    from ..policies import split_specs
+    from ..registry import split_specs
 
     return split_specs(text)
 

@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import torch
 
 from ..cache import output_cache
-from ..policies import parse_spec
+from ..registry import parse_spec
 from .timing import PeakMemory, Timing, is_cuda, paired_ratio, synchronize
 
 logger = logging.getLogger(__name__)

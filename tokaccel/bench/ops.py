@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import warn_if_slow_dtype
-from ..policies import parse_spec
+from ..registry import parse_spec
 from .timing import copy_bandwidth, is_cuda, paired_ratio, synchronize, time_interleaved
 
 logger = logging.getLogger(__name__)

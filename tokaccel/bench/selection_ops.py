@@ -32,9 +32,9 @@ from __future__ import annotations
 import torch
 
 from ..cache import SelectionLayer
-from ..policies import make_policy
+from ..registry import make_policy
 from ..policies.base import LayerContext, LayerInfo
-from ..calibrate import fc_dims
+from ..policies.fasa_calibration import fc_dims
 from ..policies.fasa import FASA, _FasaRuntime, dominant_first
 from ..policies.tokenselect import TokenSelect, _Call, _Runtime
 from ..rope import RopeTable

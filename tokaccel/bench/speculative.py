@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from ..policies import parse_spec
+from ..registry import parse_spec
 from .spec_prompts import PROMPTS, WARMUP, prompt_set
 
 BASELINE = "greedy"

@@ -11,7 +11,8 @@ from .metrics import METRICS, score
 from .perplexity import compare_perplexity, perplexity, perplexity_ids
 from .plots import plot_results
 from .runner import QUICK, TINY, collect_results, evaluate, make_method, run_eval, summary_table
-from .tasks import SYNTHETIC, PromptFormat, Question, Sample, Task, get_task, make_samples, task_names
+from .samples import PromptFormat, Question, Sample, Task
+from .tasks import SYNTHETIC, get_task, make_samples, task_names
 
 __all__ = [
     "run_eval", "QUICK", "TINY", "evaluate", "make_method", "collect_results", "summary_table",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .runner import _length_name, collect_results, slug
+from .runner import length_name, collect_results, slug
 
 
 def budget_fraction(result: dict) -> float | None:
@@ -74,7 +74,7 @@ def budget_tables(results: list[dict]) -> str:
             out.append("| task | length | dense | " + " | ".join(policies) + " |")
             out.append("|---|---|---:|" + "---:|" * len(policies))
             for task, length in sorted({(r["task"], r["length"]) for r in rows}):
-                line = [task, _length_name(length), f"{dense[(task, length)]:.1f}" if (task, length) in dense else "-"]
+                line = [task, length_name(length), f"{dense[(task, length)]:.1f}" if (task, length) in dense else "-"]
                 for p in policies:
                     r = cells.get((task, length, p))
                     line.append(f"{r['score']:.1f} ({r['n_samples']})" if r else "-")
@@ -176,7 +176,7 @@ def plot_vs_budget(path, out_dir=None) -> list[Path]:
                     line, = ax.plot([100 * p[0] for p in points], [p[1] for p in points], marker="o",
                                     color=colors[policy], label=policy)
                     labelled.setdefault(policy, line)
-            _style_panel(ax, f"{task}, {_length_name(length)}", "% of the prompt kept / read per step")
+            _style_panel(ax, f"{task}, {length_name(length)}", "% of the prompt kept / read per step")
         written.append(_save(fig, labelled, f"{model}: accuracy vs token budget",
                              out / f"{slug(model)}_accuracy_vs_budget.png", ncols=5))
     return written

@@ -86,7 +86,7 @@ def _list_tasks() -> int:
 
 
 def _specs(values: list[str] | None) -> list[str] | None:
-    from ..policies import split_specs
+    from ..registry import split_specs
 
     if not values:
         return None

@@ -23,7 +23,7 @@ import os
 import re
 from pathlib import Path
 
-from .tasks import PromptFormat, Question, Sample, Task
+from .samples import PromptFormat, Question, Sample, Task
 
 # ---------------------------------------------------------------- LongBench
 

@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 
 from .budgets import budget_fraction
-from .runner import _length_name
+from .runner import length_name
 
 Z95 = 1.959964
 BUDGET_KEYS = ("k", "n_init", "n_local", "budget")
@@ -90,7 +90,7 @@ def _rows(result: dict) -> dict[int, dict]:
 
 def _options(label: str) -> tuple[str, dict]:
     """(name, non-budget options) of a policy label; the whole label as name when it is no spec."""
-    from ..policies import parse_spec
+    from ..registry import parse_spec
 
     try:
         name, config = parse_spec(re.sub(r" \(\w+\)$", "", label))  # collect_results' " (dtype)" suffix
@@ -157,7 +157,7 @@ def paired_table(comparisons: list[dict], margin: float = 3.0) -> str:
         for c in mine:
             share = "-" if c["fraction"] is None else f"{c['fraction']:.0%}"
             needed = "-" if c["samples_for_margin"] is None else str(c["samples_for_margin"])
-            out.append(f"| {c['task']} | {_length_name(c['length'])} | {share} | {c['policy']} | {c['reference']} "
+            out.append(f"| {c['task']} | {length_name(c['length'])} | {share} | {c['policy']} | {c['reference']} "
                        f"| {c['n']} | {c['score']:.1f} | {c['reference_score']:.1f} "
                        f"| {c['diff']:+.1f} ({c['low']:+.1f}, {c['high']:+.1f}) | {c['better']}/{c['worse']} "
                        f"| {c['verdict']} | {needed} |")

@@ -39,7 +39,7 @@ def _import_kvpress():
 
 def parse_kvpress_spec(spec: str) -> tuple[str, float | None, dict]:
     """"kvpress:snapkv@0.5,window_size=32" -> ("snapkv", 0.5, {"window_size": 32})."""
-    from ..policies import parse_spec
+    from ..registry import parse_spec
 
     body = spec.strip()
     if not body.startswith("kvpress:"):

@@ -37,7 +37,8 @@ import torch
 from . import metrics as scoring
 from .decoding import eos_ids, greedy, prefill
 from .perplexity import perplexity_ids
-from .tasks import Sample, Task, _short_hash, get_task, make_samples
+from .samples import Sample, Task, short_hash
+from .tasks import get_task, make_samples
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ TINY = {"model": "smollm2-135m-instruct", "tasks": ["passkey", "niah_multiquery_
 
 def policy_label(spec, policy) -> str:
     """Readable name of a policy for tables: "name" or "name:key=value,..." (non-default values)."""
-    from ..policies import parse_spec
+    from ..registry import parse_spec
 
     if isinstance(spec, str):
         name, config = parse_spec(spec)
@@ -67,7 +68,7 @@ class PolicyMethod:
     prefill_chunk = "runner"
 
     def __init__(self, spec):
-        from ..policies import make_policy
+        from ..registry import make_policy
 
         self.spec = spec
         self.policy = make_policy(spec)  # validates now: ValueError for unknown names / options
@@ -80,7 +81,7 @@ class PolicyMethod:
     @contextlib.contextmanager
     def session(self, model):
         from ..patch import get_policy, patched, reset_stats
-        from ..policies import make_policy
+        from ..registry import make_policy
 
         with patched(model, make_policy(self.spec) if isinstance(self.spec, str) else self.policy):
             self.provenance = get_policy(model).provenance()
@@ -240,7 +241,7 @@ def slug(text: str) -> str:
 
 
 def result_dir(out, model_name: str, task: Task, length: int, method, settings: dict) -> Path:
-    digest = _short_hash({"policy": method.label, "config": method.config(), **settings}, 8)
+    digest = short_hash({"policy": method.label, "config": method.config(), **settings}, 8)
     return Path(out) / slug(model_name) / task.label / str(length) / f"{slug(method.name)}-{digest}"
 
 
@@ -355,7 +356,7 @@ def length_tables(results: list[dict]) -> str:
         cells = {(r["task"], r["length"]): _cell(r, dense.get((model, r["task"], r["length"], dtype))) for r in rows}
         out.append(f"**{model}, {label}, {dtype}** (score, samples" + (", difference to dense)\n"
                    if any(r["policy"] != "dense" for r in rows) else ")\n"))
-        out.append("| task | " + " | ".join(_length_name(n) for n in lengths) + " |")
+        out.append("| task | " + " | ".join(length_name(n) for n in lengths) + " |")
         out.append("|---|" + "---:|" * len(lengths))
         out += [f"| {t} | " + " | ".join(cells.get((t, n), "-") for n in lengths) + " |" for t in tasks]
         hit_rates = {n: [r["metrics"]["selection_hit_rate"] for r in rows
@@ -374,7 +375,7 @@ def _cell(result: dict, dense: dict | None) -> str:
     return f"{text} {result['score'] - dense['score']:+.{2 if result['metric'] == 'ppl' else 1}f}"
 
 
-def _length_name(n: int) -> str:
+def length_name(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 

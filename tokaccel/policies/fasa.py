@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..calibrate import PAIRINGS, calibrate_command, calibration_path, fc_dims, load_calibration, model_key_of
+from .fasa_calibration import PAIRINGS, calibrate_command, calibration_path, fc_dims, load_calibration, model_key_of
 from ..selection import NEG_INF, score_rows, top_k
 from .base import LayerInfo
 from .tokenselect import TokenSelect, _Runtime

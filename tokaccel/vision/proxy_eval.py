@@ -77,7 +77,7 @@ def make_method(name: str, keep: float):
     """Policy for one method (a name or "name:key=value" spec) at one budget."""
     if name == "random":
         return RandomKeep(keep=keep)
-    from ..policies import make_policy
+    from ..registry import make_policy
 
     return make_policy(name, keep=keep)
 
