@@ -38,12 +38,12 @@ def test_greedy_generate_and_recycling_on_a_packed_model():
     ids = torch.randint(1, 128, (1, 9), generator=torch.Generator().manual_seed(1))
     kw = dict(do_sample=False, max_new_tokens=24, eos_token_id=None)
     plain = model.generate(ids, **kw)
-    key_plain = R._calibration_key(model, torch.device("cpu"))
+    key_plain = R.calibration_key(model, torch.device("cpu"))
     with packed_linears(model):
         assert packed_count(model) == 15
         assert torch.equal(model.generate(ids, **kw), plain)
         assert torch.equal(model.generate(ids, custom_generate=R.generate, tree="paper", **kw), plain)
-        assert R._calibration_key(model, torch.device("cpu")) != key_plain
+        assert R.calibration_key(model, torch.device("cpu")) != key_plain
     assert packed_count(model) == 0
 
 

@@ -214,7 +214,7 @@ def test_update_rule_for_duplicate_tokens():
     logits = torch.randn(5, 20)
     on_path = torch.tensor([True, True, False, True, False])  # root -> node 1 -> node 3
     table = torch.zeros(20, 8, dtype=torch.int32)
-    R.update_adjacency(table, tokens, logits, R._update_priority(tree, on_path))
+    R.update_adjacency(table, tokens, logits, R.update_priority(tree, on_path))
     top = logits.topk(8, -1).indices.int()
     assert torch.equal(table[7], top[0])  # root on the path beats node 2 off it
     assert torch.equal(table[3], top[3])  # node 3 (deeper on the path) beats node 1
