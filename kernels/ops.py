@@ -11,7 +11,7 @@ wheel holds real files). ``tests/test_packaging.py`` guards both.
 
 Public ops pick a backend per call (see :mod:`tokaccel.kernels.dispatch`): Triton for
 CUDA tensors, the torch reference otherwise; ``TRITON_INTERPRET=1`` runs Triton on
-CPU tensors; ``backend="torch" | "triton"`` forces one. Importing this package only
+CPU tensors; ``backend="torch" | "triton"`` forces one. Importing this module only
 defines things; without triton installed only the torch references are used.
 
 Ops:

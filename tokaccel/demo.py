@@ -59,6 +59,7 @@ def end_to_end(model, tokenizer, policy: str, context: int, samples: int, progre
     for variant in variants:
         generate_once(model, warm, 2, variant, pad, "cpu")
     out: dict = {v.name: {"ttft": [], "tpot": [], "correct": [], "same": [], "stats": {}} for v in variants}
+    out["prompt_tokens"] = prompts[0].prompt_tokens
     bar = tqdm(total=samples * len(variants), desc=f"end to end, {context} tokens", disable=not progress)
     for i, sample in enumerate(prompts):
         ids = torch.tensor([sample.prompt_ids()])
@@ -76,7 +77,6 @@ def end_to_end(model, tokenizer, policy: str, context: int, samples: int, progre
             row["same"].append((r.sequences[0] == reference).float().mean().item())
             for key in ("selection_hits", "selection_misses", "keys_read", "calls"):
                 row["stats"][key] = row["stats"].get(key, 0) + r.stats.get(key, 0)
-        out["prompt_tokens"] = ids.shape[1]
     bar.close()
     return out
 
@@ -175,13 +175,10 @@ def op_level_table(rows: list[dict]) -> str:
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-    except OSError:
-        return "unknown CPU"
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    return name + (", AVX-512" if "avx512f" in text else ", AVX2" if "avx2" in text else "")
+    """The CPU model and the vector extension torch dispatches to (bf16 is emulated without AVX-512)."""
+    from .bench.results import device_name
+
+    return f"{device_name('cpu')}, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def _write_result(out: str, record: dict) -> None:
@@ -204,14 +201,16 @@ def _demo_command(args) -> int:
     lengths = [int(n) for n in args.op_lengths.split(",") if n]
     print(f"tokaccel demo: {args.policy} against the unpatched model; {_cpu_name()}, "
           f"{torch.get_num_threads()} threads, fp32\n")
+    loaded = None
+    if args.samples > 0 or args.eval:
+        loaded = models.load(args.model)
     if args.samples > 0:
-        model, tokenizer = models.load(args.model)
-        result = end_to_end(model, tokenizer, args.policy, args.context, args.samples)
+        result = end_to_end(*loaded, args.policy, args.context, args.samples)
+        table = end_to_end_table(result, args.policy)
         print(f"\n1. End to end: {args.model}, {args.samples} {DEMO_TASK} prompts of {result['prompt_tokens']} tokens "
               "(a fact hidden in an essay, asked for at the end), greedy; medians, speedups paired per prompt\n")
-        print(end_to_end_table(result, args.policy))
-        record["end_to_end"] = {"model": args.model, "task": DEMO_TASK, "samples": args.samples, **result,
-                                "table": end_to_end_table(result, args.policy)}
+        print(table)
+        record["end_to_end"] = {"model": args.model, "task": DEMO_TASK, "samples": args.samples, **result, "table": table}
         print("\nTTFT: the policy's chunked sparse prefill attends each 512-token chunk to a fixed budget "
               "instead of the whole prefix. Per token: every step still runs all MLPs and the 49K-word head, "
               "and a selection-cache miss scores every cached key, so on a 135M model at 8K the time per token "
@@ -219,11 +218,12 @@ def _demo_command(args) -> int:
               "~4K tokens the budget covers most of the prompt and the policy is slower than the unpatched model.")
     if lengths:
         rows = op_level(args.policy, lengths)
+        table = op_level_table(rows)
         print("\n2. Op level: one decode step of one attention layer, SmolLM2's shape (9 query / 3 KV heads, "
               f"D=64), random keys (logits ~ N(0, 1)) with 16 planted needles (logit {NEEDLE_LOGIT:.0f}); medians of 5 "
               "interleaved repeats, speedup vs SDPA; error: relative L2 distance of the miss step's output to SDPA's\n")
-        print(op_level_table(rows))
-        record["op_level"] = {"shape": "smollm2", "needle_logit": NEEDLE_LOGIT, "rows": rows, "table": op_level_table(rows)}
+        print(table)
+        record["op_level"] = {"shape": "smollm2", "needle_logit": NEEDLE_LOGIT, "rows": rows, "table": table}
         print("\nA hit reuses the last selection and reads a fixed budget whatever the context; a miss also "
               "scores every key. How often a step hits depends on the model (SmolLM2: about 1 step in 4 at "
               "theta=0.9).")
@@ -231,8 +231,7 @@ def _demo_command(args) -> int:
         from .evals import QUICK, run_eval, summary_table
         from .models import cache_dir
 
-        model, tokenizer = models.load(args.model)
-        suite = {**QUICK, "model": (model, tokenizer)}
+        suite = {**QUICK, "model": loaded}
         print(f"\n3. Quick accuracy suite ({', '.join(suite['tasks'])} at {suite['lengths']} tokens, "
               f"{suite['samples']} samples; cached under {cache_dir() / 'demo-results'}):\n")
         results = run_eval(**suite, model_name=args.model, policies=["dense", args.policy],
