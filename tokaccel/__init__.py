@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 # Public submodules reachable as attributes after a bare `import tokaccel` (tokaccel.models.load,
 # tokaccel.evals.run_eval, ...), each imported on first access only: no import-time cost.
 # The kernel ops are imported from tokaccel.kernels.ops (tokaccel.kernels is a namespace package).
-SUBMODULES = ("bench", "cache", "calibrate", "evals", "models", "recycling", "rope", "selection", "vision")
+SUBMODULES = ("bench", "cache", "calibrate", "evals", "models", "probe", "recycling", "rope", "selection", "vision")
 
 
 def __getattr__(name: str):

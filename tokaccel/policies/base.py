@@ -43,6 +43,8 @@ class LayerContext:
     # Filled by a forward pre-hook when the policy sets `captures_layer_inputs`:
     # "cache" and "position_embeddings" (cos, sin) of the current call.
     inputs: dict = field(default_factory=dict)
+    # Callables told of every selection a selection policy makes on this layer (tokaccel.probe).
+    probes: list = field(default_factory=list, repr=False, compare=False)
 
 
 @dataclass

@@ -385,6 +385,11 @@ class _Call:
         self.first = (key_valid.int().argmax(1) if key_valid is not None
                       else torch.zeros(B, dtype=torch.long, device=query.device))
 
+    def natural_keys(self) -> torch.Tensor:
+        """The call's keys as rows [B, Hk, N, D] in the natural head-dim layout (a copy when the
+        layer stores them permuted or tiled)."""
+        return _natural(self.key, self.layer)
+
     # -- selection -------------------------------------------------------------------------
     def _scoring_query(self, q: torch.Tensor) -> torch.Tensor:
         """Queries [B, H, ..., D] as they score: in compact mode un-rotated, then rotated at
@@ -407,7 +412,10 @@ class _Call:
         if self.key_valid is not None:
             pos = torch.arange(start, end, device=device)
             valid = self.key_valid[:, start:end] & (pos >= (self.first + self.p.n_init)[:, None])
-        return self.p.choose(self, q, start, end, valid, query_valid)
+        mid, mid_valid = self.p.choose(self, q, start, end, valid, query_valid)
+        for probe in self.ctx.probes:
+            probe(self, q, start, end, valid, query_valid, mid, mid_valid)
+        return mid, mid_valid
 
     def count_scored(self, tokens: int) -> None:
         """Account `tokens` keys read (per batch row) to score candidates."""
