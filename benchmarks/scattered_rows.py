@@ -2,28 +2,22 @@
 
 A decode step reads 2,688 of N cached K/V rows. Gathered from a cache that other layers have
 evicted from the CPU caches, scattered rows of 256 bytes (SmolLM2: D=64, fp32) are bound by
-memory latency, not bandwidth. This times, cold (a 64 MB buffer is written before each call),
-the K+V gather of L rows of a [1, Hk, N, D] cache: random rows, runs of 4 and of 16 adjacent
-rows, in the cache's head-major layout and in a token-major one, against a sequential copy of
-the same number of bytes (what reading kept rows costs).
+memory latency, not bandwidth. This times, cold (tokaccel.bench.timing.time_interleaved writes a
+64 MB buffer before each call), the K+V gather of L rows of a [1, Hk, N, D] cache: random rows,
+runs of 4 and of 16 adjacent rows (new rows each call), in the cache's head-major layout and in a
+token-major one, against a sequential copy of the same number of bytes (what reading kept rows
+costs); the three interleaved call by call. Prints the table and appends one row per cell to
+OUT/scattered_rows.csv.
 
-Run: python benchmarks/scattered_rows.py [--n 32768 --rows 2688 --heads 3 --dim 64 --threads 2]
+Run: python benchmarks/scattered_rows.py [--n 32768 --rows 2688 --heads 3 --dim 64 --threads 2 --repeats 15 --out DIR]
 """
 import argparse
-import time
+from pathlib import Path
 
 import torch
 
-
-def cold_median_ms(fn, make_idx, flush: torch.Tensor, repeats: int = 15) -> float:
-    times = []
-    for _ in range(repeats):
-        idx = make_idx()
-        flush.fill_(1)
-        start = time.perf_counter()
-        fn(idx)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[repeats // 2] * 1e3
+from tokaccel.bench.results import append_rows, run_metadata
+from tokaccel.bench.timing import paired_ratio, time_interleaved
 
 
 def main() -> None:
@@ -33,12 +27,13 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=3)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--out", default="benchmarks/results/scripts", help="folder of the results CSV")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     N, L, Hk, D = args.n, args.rows, args.heads, args.dim
     k, v = torch.randn(1, Hk, N, D), torch.randn(1, Hk, N, D)
     k_tokens, v_tokens = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [1, N, Hk, D]
-    flush = torch.empty(64 << 20, dtype=torch.uint8)
 
     def runs(length):
         def make():
@@ -56,12 +51,24 @@ def main() -> None:
     def sequential(idx):
         return k[:, :, :L].clone(), v[:, :, :L].clone()
 
-    print(f"K+V rows of a [1, {Hk}, {N}, {D}] fp32 cache, L={L}, {args.threads} thread(s), cold, median ms")
+    def each_call_new_rows(gather, make):  # the rows of every call drawn beforehand, outside the timing
+        indices = iter([make() for _ in range(args.repeats + 1)])
+        return lambda: gather(next(indices))
+
+    print(f"K+V rows of a [1, {Hk}, {N}, {D}] fp32 cache, L={L}, {args.threads} thread(s), cold, "
+          f"median ms of {args.repeats}")
     print(f"{'rows':12s} {'head-major':>11s} {'token-major':>12s} {'sequential':>11s}")
+    meta, rows = run_metadata("cpu"), []
     for name, make in (("random", lambda: torch.sort(torch.randperm(N)[:L]).values),
                        ("runs of 4", runs(4)), ("runs of 16", runs(16))):
-        cells = [cold_median_ms(fn, make, flush) for fn in (head_major, token_major, sequential)]
-        print(f"{name:12s} " + " ".join(f"{c:11.3f}" for c in cells))
+        gathers = {"head-major": head_major, "token-major": token_major, "sequential": sequential}
+        t = time_interleaved({layout: each_call_new_rows(g, make) for layout, g in gathers.items()},
+                             repeats=args.repeats, flush=True)
+        print(f"{name:12s} " + " ".join(f"{t[layout].median_s * 1e3:11.3f}" for layout in gathers))
+        rows += [{**meta, "n": N, "rows": L, "heads": Hk, "dim": D, "repeats": args.repeats, "pattern": name,
+                  "layout": layout, "median_ms": t[layout].median_s * 1e3,
+                  "slowdown_vs_sequential": paired_ratio(t[layout], t["sequential"])} for layout in gathers]
+    print("rows ->", append_rows(Path(args.out) / "scattered_rows.csv", rows))
 
 
 if __name__ == "__main__":

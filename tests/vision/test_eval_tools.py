@@ -3,7 +3,7 @@
 import torch
 
 import tokaccel
-from tokaccel.vision import proxy_eval
+from tokaccel.evals import vision_proxy as proxy_eval
 
 
 def test_proxy_eval_cell_runs_through_the_llava_path(gemma3):

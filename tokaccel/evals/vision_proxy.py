@@ -20,7 +20,7 @@ how that degrades with the budget. What it cannot: real images (spatially correl
 objects spread over many patches), a real vision encoder's [CLS], real VLM attention patterns,
 or any benchmark number.
 
-    python -m tokaccel.vision.proxy_eval [--samples 50] [--keeps 0.05,0.1,0.25,0.5] [--methods "fastv;divprune"]
+    python -m tokaccel.evals.vision_proxy [--samples 50] [--keeps 0.05,0.1,0.25,0.5] [--methods "fastv;divprune"]
 
 writes benchmarks/results/vision/<config>/results.json, results.csv and accuracy_vs_keep.png
 (existing cells are reused).
@@ -41,8 +41,8 @@ from typing import ClassVar
 
 import torch
 
-from .base import VisualPruning, check_keep
-from .runtime import StageInput, keep_count, top_per_span
+from ..vision.base import VisualPruning, check_keep
+from ..vision.runtime import StageInput, keep_count, top_per_span
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class SummaryTower(torch.nn.Module):
         return [self.register_forward_hook(hook)]
 
     def cls_tower(self, outer: torch.nn.Module):
-        from .families import ClsTower
+        from ..vision.families import ClsTower
 
         return ClsTower([], self.depth - 1, True, outer.multi_modal_projector, capture=self.capture)
 
