@@ -39,11 +39,19 @@ def _commands(log: Path) -> dict[str, str]:
     return dict(re.findall(r"^### (\S+) .*\n\n`(tokaccel bench .*)`$", text, re.M))
 
 
+def _commit(row: dict) -> str:
+    """The row's commit and whether the checkout was clean (rows from uncommitted code are never shown as clean)."""
+    if not row.get("git_commit"):
+        return "not recorded"
+    dirty = str(row.get("git_dirty")).lower() == "true"
+    return f"{row['git_commit'][:10]} ({'uncommitted code' if dirty else 'clean'})"
+
+
 def _header(rows: list[dict], command: str | None) -> str:
     first = rows[0]
     line = (f"Measured on {first.get('device_name')} ({first.get('device')}), {first.get('threads')} threads, "
             f"torch {first.get('torch')}, transformers {first.get('transformers')}, "
-            f"{first.get('timestamp', '')[:16].replace('T', ' ')}, commit {first.get('git_commit') or 'not recorded'}")
+            f"{first.get('timestamp', '')[:16].replace('T', ' ')}, commit {_commit(first)}")
     load = as_float(first.get("load_1m"))
     if load == load and first.get("device") == "cpu":
         line += f", 1-minute load average {load:.1f} at the start"
