@@ -1,7 +1,7 @@
-"""Block index ops for hierarchical selection (HISA, Quest; METHODS.md §1.2, §1.4).
+"""Block index ops for hierarchical selection (HISA, Quest; docs/methods.md §1.2, §1.4).
 
 The cache is cut into blocks (HISA) or pages (Quest) of ``T`` consecutive tokens. Shapes
-(notation of METHODS.md): ``B`` batch, ``R`` score rows (query heads, or heads x queries; row
+(notation of docs/methods.md): ``B`` batch, ``R`` score rows (query heads, or heads x queries; row
 ``r`` reads KV head ``r // (R // Hk)``), ``Hk`` KV heads, ``N`` tokens, ``D`` head dim,
 ``nb`` blocks, ``M`` chosen blocks.
 

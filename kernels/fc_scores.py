@@ -1,6 +1,6 @@
-"""Partial-dim scoring for FASA (METHODS.md §1.3): q . k over each KV head's dominant dims only.
+"""Partial-dim scoring for FASA (docs/methods.md §1.3): q . k over each KV head's dominant dims only.
 
-Shapes (notation of METHODS.md): ``B`` batch, ``R`` score rows (query heads, or heads x queries;
+Shapes (notation of docs/methods.md): ``B`` batch, ``R`` score rows (query heads, or heads x queries;
 row ``r`` reads KV head ``r // (R // Hk)``), ``Hk`` KV heads, ``N`` tokens, ``D`` head dim,
 ``d`` dominant dims per KV head (2 per frequency chunk).
 

@@ -1,6 +1,6 @@
 """Grouped QK scoring: the logits of every query head against its (shared) KV head.
 
-Shapes (notation of METHODS.md): ``B`` batch, ``H`` query heads, ``Hk`` KV heads,
+Shapes (notation of docs/methods.md): ``B`` batch, ``H`` query heads, ``Hk`` KV heads,
 ``G = H // Hk``, ``N`` cached tokens, ``D`` head dim.
 
     q       [B, H, D]        one query per head (decode, or a chunk's mean query)

@@ -1,6 +1,6 @@
 """Decode and prefill-chunk attention that read K/V through an index set, with compact RoPE fused in.
 
-Shapes (notation of METHODS.md): ``B`` batch, ``H`` query heads, ``Hk`` KV heads, ``G = H // Hk``,
+Shapes (notation of docs/methods.md): ``B`` batch, ``H`` query heads, ``Hk`` KV heads, ``G = H // Hk``,
 ``N`` cached tokens, ``L`` selected tokens, ``D`` head dim, ``P >= L`` rope table rows.
 
     q        [B, H, D]        one query per head (pre-RoPE when cos/sin are given)

@@ -1,5 +1,5 @@
 """Token Recycling's per-step ops: drafting a static tree from the adjacency matrix, and refreshing
-the matrix from every tree node's logits (METHODS.md §3).
+the matrix from every tree node's logits (docs/methods.md §3).
 
 Shapes: ``V`` vocabulary, ``S`` slots per token (8), ``B`` trees, ``n`` tree nodes (root first, a
 node after its parent).

@@ -1,6 +1,6 @@
 """Soft vote: per-row softmax over tokens, then a weighted sum over rows (TokenSelect's head vote).
 
-Shapes (notation of METHODS.md): ``B`` batch, ``R`` score rows (query heads, or heads x
+Shapes (notation of docs/methods.md): ``B`` batch, ``R`` score rows (query heads, or heads x
 queries), ``N`` tokens.
 
     scores   [B, R, N] fp32   logits, -inf for tokens that are not candidates

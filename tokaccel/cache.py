@@ -218,7 +218,7 @@ def install_selection_layer(cache: Cache, layer_idx: int, pre_rope: bool, rope_s
 
 # ---------------------------------------------------------------------------------------- eviction
 class EvictionLayer(DynamicLayer):
-    """A cache layer that physically holds at most `budget` tokens per KV head (METHODS.md §2).
+    """A cache layer that physically holds at most `budget` tokens per KV head (docs/methods.md §2).
 
     Slots are per (row, KV head): each head keeps its own tokens, so slot j of two heads may hold
     different positions. Per slot the layer keeps `pos` (the token's index in the padded sequence,

@@ -1,4 +1,4 @@
-"""Offline calibration for FASA (METHODS.md §1.3): the dominant RoPE frequency chunks (FCs) of
+"""Offline calibration for FASA (docs/methods.md §1.3): the dominant RoPE frequency chunks (FCs) of
 every layer and KV head, saved once per model as a small JSON file.
 
 RoPE splits q.k into D/2 independent 2-D chunks: in HF's `rotate_half` layout FC i is the dim
@@ -11,7 +11,7 @@ heads of a KV head. The dominant FCs of a head (`fraction` of them) are chosen e
 single-FC overlap ("single", the paper's ranking, the default) or greedily for their *sum*, the
 score the policy uses ("combined"): start empty and add the FC whose addition gives the sum of
 the chosen FCs' partial scores the highest top-K overlap with the full score. "combined" raises
-that summed overlap (SmolLM2: 0.62 -> 0.71) but did not raise accuracy where measured (README).
+that summed overlap (SmolLM2: 0.62 -> 0.71) but did not raise accuracy where measured (docs/selection.md, FASA).
 
 Queries and keys are captured through tokaccel's own attention entry (a Dense policy that also
 records them: post-RoPE, as attention sees them), never with a copied forward. Single-FC overlaps

@@ -47,7 +47,7 @@ def test_no_csv_no_plots(tmp_path):
 
 
 def test_summary_tables_script(tmp_path):
-    """benchmarks/make_tables.py renders the README tables from the CSVs."""
+    """benchmarks/make_tables.py renders the bench tables from the CSVs."""
     import importlib.util
     from pathlib import Path
 

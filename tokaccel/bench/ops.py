@@ -6,7 +6,7 @@ parts, timed interleaved with the dense SDPA baseline (see timing.py). Each row 
 bytes read, achieved bandwidth (bytes_read / time) and its ratio to the device's measured copy
 bandwidth: a memory-bound decode step cannot beat ratio ~1.
 
-Notation (METHODS.md): B batch, H query heads, Hk KV heads, G = H // Hk, N cached tokens,
+Notation (docs/methods.md): B batch, H query heads, Hk KV heads, G = H // Hk, N cached tokens,
 D head dim, c prefill chunk length. Query head h reads KV head h // G.
 
 Plugin interface: how a policy adds its op-level steps
@@ -37,7 +37,7 @@ that case (phase, device, dtype)::
             info={"k": k, "keys_read": ...},  # optional extra columns
         )
 
-    register_op_bench("tokenselect", tokenselect_setup, description="TokenSelect (METHODS 1.1)")
+    register_op_bench("tokenselect", tokenselect_setup, description="TokenSelect (docs/methods.md §1.1)")
 
 Make the registration run on import of a module and add that module's name to
 `OP_BENCH_MODULES` (or pass `--plugin module.name` on the command line); the registry imports

@@ -1,4 +1,4 @@
-"""KV eviction, shared by H2O, StreamingLLM and SnapKV (METHODS.md §2): the cache physically holds
+"""KV eviction, shared by H2O, StreamingLLM and SnapKV (docs/methods.md §2): the cache physically holds
 at most `budget` tokens per layer and KV head (tokaccel.cache.EvictionLayer).
 
 Every attention call of an active layer runs: append the new tokens -> attention over the stored

@@ -1,4 +1,4 @@
-"""FASA's calibration file (METHODS.md §1.3): the frequency-chunk (FC) maths the file is written
+"""FASA's calibration file (docs/methods.md §1.3): the frequency-chunk (FC) maths the file is written
 in, where the file lives, and reading / writing it. `tokaccel.calibrate` runs the model to make
 one; the FASA policy only reads it, so it imports this module, never the calibration command.
 

@@ -1,4 +1,4 @@
-"""H2O, heavy-hitter oracle (arXiv 2306.14048), with A2SF's forgetting factor (METHODS.md §2.1)."""
+"""H2O, heavy-hitter oracle (arXiv 2306.14048), with A2SF's forgetting factor (docs/methods.md §2.1)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """SnapKV (arXiv 2404.14469): the prompt's last `window` queries vote for the tokens to keep
-(METHODS.md §2.3)."""
+(docs/methods.md §2.3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""StreamingLLM (arXiv 2309.17453): attention sinks + a window of recent tokens (METHODS.md §2.2)."""
+"""StreamingLLM (arXiv 2309.17453): attention sinks + a window of recent tokens (docs/methods.md §2.2)."""
 
 from __future__ import annotations
 

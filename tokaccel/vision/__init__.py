@@ -1,4 +1,4 @@
-"""Visual-token pruning for HF vision-language models (METHODS.md §4), as `patch_model` policies.
+"""Visual-token pruning for HF vision-language models (docs/methods.md §4), as `patch_model` policies.
 
     tokaccel.patch_model(vlm, policy="divprune", keep=64)      # or keep=0.1 (ratio per image)
     vlm.generate(**inputs)                                     # forward and generate both prune

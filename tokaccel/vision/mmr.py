@@ -1,4 +1,4 @@
-"""MMR importance/diversity selection (IDPruner-style, METHODS.md §4): greedy
+"""MMR importance/diversity selection (IDPruner-style, docs/methods.md §4): greedy
 argmax lambda * importance - (1 - lambda) * max cosine to the picked tokens, after the projector."""
 
 from __future__ import annotations
