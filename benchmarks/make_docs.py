@@ -243,6 +243,14 @@ def calibration_page(results: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------- analysis scripts
+def _number(cell: str | None) -> str:
+    """A CSV cell for a table: non-integer numbers to 3 significant digits, everything else as stored."""
+    value = as_float(cell)
+    if value != value or value == int(value) or not re.fullmatch(r"-?[0-9.e+-]+", cell or ""):
+        return cell or ""
+    return f"{value:.3g}"
+
+
 def scripts_page(results: Path) -> str:
     sections = []
     for name in SCRIPTS:
@@ -254,7 +262,7 @@ def scripts_page(results: Path) -> str:
         body = [f"## {name}"]
         for run in _by_run(read_rows(path)):
             columns = [c for c in run[0] if c not in METADATA and any(r.get(c) for r in run)]
-            body += [provenance(path, run), markdown_table(run, columns)]
+            body += [provenance(path, run), markdown_table([{c: _number(r.get(c)) for c in columns} for r in run], columns)]
         sections.append("\n\n".join(body))
     return _page("Analysis scripts", "Each script in `benchmarks/` appends its rows to "
                  "`benchmarks/results/scripts/<script>.csv`.", sections)
