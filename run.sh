@@ -4,6 +4,8 @@
 #   ./run.sh test [pytest options]          run the whole test suite
 #   ./run.sh setup                          only create/refresh the virtual environment
 #   ./run.sh tokaccel ARGS...               any tokaccel command inside the environment
+#   ./run.sh vllm-setup                     a separate vLLM (CPU) environment with tokaccel's backend
+#                                           (scripts/setup_vllm.sh, docs/vllm.md)
 # The venv lives in .venv (override with TOKACCEL_VENV) and is re-synced only when pyproject.toml or
 # this script change. Torch: CPU build 2.13.0 where there is no NVIDIA GPU, the default CUDA
 # build otherwise; TOKACCEL_TORCH overrides the pip requirement (e.g. "torch==2.13.0").
@@ -51,5 +53,6 @@ case "$command" in
     demo) setup; exec "$VENV/bin/tokaccel" demo "$@" ;;
     test) setup; cd "$ROOT"; exec "$VENV/bin/python" -m pytest -q "$@" ;;
     tokaccel) setup; exec "$VENV/bin/tokaccel" "$@" ;;
-    *) echo "usage: ./run.sh demo|test|setup|tokaccel [args...]" >&2; exit 2 ;;
+    vllm-setup) exec "$ROOT/scripts/setup_vllm.sh" "$@" ;;
+    *) echo "usage: ./run.sh demo|test|setup|tokaccel|vllm-setup [args...]" >&2; exit 2 ;;
 esac

@@ -1,0 +1,76 @@
+"""tokaccel inside a real vLLM engine (skipped where vLLM is not installed: scripts/setup_vllm.sh).
+
+SmolLM2-135M-Instruct exported to a local folder (TOKACCEL_VLLM_MODEL, default
+$TOKACCEL_CACHE/vllm/smollm2-135m-instruct, written by scripts/setup_vllm.sh), greedy, 8 prompts of 17-504
+tokens in one batch. With a budget covering every context and the sparse path forced
+(dense_fallback=false: every decode step of every request goes through tokaccel's paged reads)
+the tokens equal vLLM's own backend's; a small budget changes them (so the path did run)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tokaccel.models import cache_dir
+
+pytest.importorskip("vllm")
+torch = pytest.importorskip("torch")
+
+MODEL = Path(os.environ.get("TOKACCEL_VLLM_MODEL") or cache_dir() / "vllm" / "smollm2-135m-instruct")
+LENGTHS = (5, 40, 120, 300, 77, 500, 13, 220)
+WORDS = "The quick brown fox jumps over the lazy dog near the river bank while children play .".split()
+
+
+def _prompts() -> list[str]:
+    return [f"Story {i}: " + " ".join(WORDS[(j * 7 + i) % len(WORDS)] for j in range(n))
+            for i, n in enumerate(LENGTHS)]
+
+
+def _generate(tmp_path: Path, policy: str | None, tokens: int = 12) -> list[list[int]]:
+    prompts, out = tmp_path / "prompts.json", tmp_path / f"out-{abs(hash(policy))}.json"
+    prompts.write_text(json.dumps(_prompts()))
+    args = [sys.executable, "-m", "tokaccel.vllm.run", "--model", str(MODEL), "--prompts", str(prompts),
+            "--max-tokens", str(tokens), "--max-model-len", "1024", "--out", str(out)]
+    if policy:
+        args += ["--policy", policy]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.pop("TOKACCEL_VLLM_POLICY", None)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())["outputs"]
+
+
+def test_the_kv_layout_is_the_one_tokaccel_reads():
+    """vLLM's own cache writer puts keys where tokaccel.vllm.paged reads them."""
+    from vllm import _custom_ops as ops
+
+    from tokaccel.vllm.paged import key_rows, rows_at, split_kv_cache
+
+    Hk, bs, D, n = 3, 32, 64, 70
+    for isa in ("vec", "vec16"):
+        kv_cache = torch.zeros(5, Hk, bs, 2 * D)
+        key_cache, value_cache = split_kv_cache(kv_cache)
+        parent = kv_cache.view(5, Hk, 2 * bs, D).chunk(2, dim=2)
+        keys, values = torch.randn(n, Hk, D), torch.randn(n, Hk, D)
+        blocks = torch.tensor([3, 0, 4])
+        slots = blocks[torch.arange(n) // bs] * bs + torch.arange(n) % bs
+        ops.cpu_attn_reshape_and_cache(keys, values, *parent, slots, isa, k_scale=1.0, v_scale=1.0,
+                                       kv_cache_dtype="auto")
+        assert torch.equal(key_rows(key_cache, blocks, n)[0], keys.transpose(0, 1))
+        k, v = rows_at(key_cache, value_cache, blocks, torch.tensor([0, 33, 69]))
+        assert torch.equal(k[0], keys[[0, 33, 69]].transpose(0, 1)) and torch.equal(v[0], values[[0, 33, 69]].transpose(0, 1))
+
+
+@pytest.mark.skipif(not (MODEL / "config.json").exists(), reason=f"no exported model in {MODEL}")
+def test_greedy_tokens_equal_vllms_own_with_a_covering_budget(tmp_path):
+    own = _generate(tmp_path, None)
+    covering = _generate(tmp_path, "tokenselect:k=1024,n_init=4,n_local=16,dense_fallback=false")
+    assert covering == own
+    quest = _generate(tmp_path, "quest:k=1024,page=16,n_init=4,n_local=16,dense_fallback=false")
+    assert quest == own
+    small = _generate(tmp_path, "tokenselect:k=8,n_init=4,n_local=8,dense_fallback=false")
+    assert small != own  # 20 tokens read per step: the tokaccel path did run
+    assert [len(o) for o in small] == [12] * len(LENGTHS)

@@ -1,0 +1,213 @@
+"""Token selection over a paged KV cache (vLLM's CPU layout), with no vLLM import.
+
+vLLM's CPU attention cache, per layer, is `[num_blocks, Hk, block_size, 2 * D]`; viewed as
+`[num_blocks, Hk, 2 * block_size, D]` its first half holds keys and the second values. With the
+"vec" / "vec16" ISAs (fp32 / fp16, x86 without AMX) a key block is stored dim-major, so the key
+cache is `key_cache [num_blocks, Hk, D, block_size]` and the value cache `value_cache
+[num_blocks, Hk, block_size, D]` (checked by tests/test_vllm.py against vLLM's own
+`cpu_attn_reshape_and_cache`). A sequence of N tokens owns the blocks `blocks [ceil(N / bs)]`
+(its block-table row); token t is at block blocks[t // bs], offset t % bs.
+
+`PagedSelector` is one layer's decode-time selection for many sequences: for each sequence it
+keeps a `RequestState` (the selection cache of `tokaccel.selection` and, for Quest, page
+summaries beside the cache), finds it again by the sequence's first block and checks that it
+still describes this sequence (same leading blocks, not longer than the sequence, and the key of
+its last summarised token unchanged), so a finished, preempted or recomputed request never
+inherits another's selection. Scoring is the tokaccel policy's own (`SelectionCall.select`):
+TokenSelect's soft vote over all keys on a selection-cache miss, Quest's page bounds over the
+summaries. Attention reads `sinks ∪ selected ∪ local window` rows straight from the paged cache.
+Keys are the model's rotated keys: positions are the original ones (`position_mode="original"`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..blocks import BlockIndex
+from ..policies.base import LayerContext, LayerInfo
+from ..policies.engine import SelectionCall, SelectionPolicy
+from ..selection import SelectionState, assemble, cache_hits
+from ..stats import Stats
+
+SUPPORTED_POLICIES = ("tokenselect", "quest")
+STALE_CALLS = 256  # a request state unused for this many calls of its layer is dropped
+
+
+def split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's CPU cache of one layer [num_blocks, Hk, bs, 2 * D] (contiguous) -> views
+    (key_cache [num_blocks, Hk, D, bs], value_cache [num_blocks, Hk, bs, D]) in the vec layouts."""
+    nb, Hk, bs, D2 = kv_cache.shape
+    D = D2 // 2
+    block, head = kv_cache.stride(0), kv_cache.stride(1)
+    base = kv_cache.storage_offset()
+    keys = kv_cache.as_strided((nb, Hk, D, bs), (block, head, bs, 1), base)
+    values = kv_cache.as_strided((nb, Hk, bs, D), (block, head, D, 1), base + bs * D)
+    return keys, values
+
+
+def key_rows(key_cache: torch.Tensor, blocks: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n keys of a sequence -> [1, Hk, n, D] (a transposed view of one gathered copy).
+    key_cache [num_blocks, Hk, D, bs], blocks [>= ceil(n / bs)] long."""
+    Hk, D, bs = key_cache.shape[1:]
+    nb = -(-n // bs)
+    gathered = key_cache.permute(1, 2, 0, 3).index_select(2, blocks[:nb])  # [Hk, D, nb, bs]
+    return gathered.reshape(Hk, D, nb * bs)[:, :, :n].transpose(1, 2)[None]
+
+
+def rows_at(key_cache: torch.Tensor, value_cache: torch.Tensor, blocks: torch.Tensor, idx: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of the sequence's tokens idx [L] -> ([1, Hk, L, D], [1, Hk, L, D])."""
+    bs = key_cache.shape[3]
+    block, offset = blocks[idx // bs], idx % bs
+    keys = key_cache[block, :, :, offset]  # [L, Hk, D]: the two index dims lead
+    values = value_cache[block, :, offset]  # [L, Hk, D]
+    return keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
+
+
+def key_rows_at(key_cache: torch.Tensor, blocks: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Keys of the sequence's tokens idx [L] -> [1, Hk, L, D]."""
+    bs = key_cache.shape[3]
+    return key_cache[blocks[idx // bs], :, :, idx % bs].transpose(0, 1)[None]
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, scale: float
+           ) -> torch.Tensor:
+    """Attention of q [H, D] over rows keys / values [1, Hk, L, D] where valid [L] -> [H, D]."""
+    H, D = q.shape
+    Hk = keys.shape[1]
+    scores = torch.matmul(q.reshape(Hk, H // Hk, D), keys[0].transpose(1, 2)).float().mul_(scale)  # [Hk, G, L]
+    if not bool(valid.all()):
+        scores.masked_fill_(~valid, float("-inf"))
+    probs = scores.softmax(-1).to(values.dtype)
+    return torch.matmul(probs, values[0]).reshape(H, D)
+
+
+@dataclass
+class RequestState:
+    """One sequence's selection state in one layer. Also the `layer` a `SelectionCall` is given:
+    the engine reads `selection`, `key_columns` and (Quest) `block_index` from it."""
+
+    blocks: torch.Tensor  # [nb] block-table prefix when last updated
+    tokens: int  # sequence length when last updated
+    fingerprint: torch.Tensor  # [Hk, D] key of token tokens - 1 at that time
+    last_call: int
+    selection: SelectionState | None = None
+    block_index: BlockIndex | None = None
+    key_columns = None  # keys in the natural head-dim order
+
+    def describes(self, key_cache: torch.Tensor, blocks: torch.Tensor, n: int) -> bool:
+        """Whether this state belongs to the sequence of n tokens in `blocks` (not another request
+        that now holds the same blocks, nor this one recomputed differently after preemption)."""
+        m = self.blocks.shape[0]
+        if self.tokens == 0 or n < self.tokens or blocks.shape[0] < m or not torch.equal(blocks[:m], self.blocks):
+            return False
+        return torch.equal(last_key(key_cache, blocks, self.tokens), self.fingerprint)
+
+
+def last_key(key_cache: torch.Tensor, blocks: torch.Tensor, n: int) -> torch.Tensor:
+    """[Hk, D] key of token n - 1."""
+    bs = key_cache.shape[3]
+    return key_cache[blocks[(n - 1) // bs], :, :, (n - 1) % bs]
+
+
+class PagedSelector:
+    """Decode-time selection of one attention layer over a paged KV cache, for many sequences.
+
+    `decode(q, key_cache, value_cache, blocks, n)` -> [H, D]: attention of the query q [H, D] of a
+    sequence of n tokens (the query's own key already in the cache) over `sinks ∪ selected ∪
+    local window`. Stats (hits, misses, keys read) accumulate in `self.ctx.stats`.
+    """
+
+    def __init__(self, policy: SelectionPolicy, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 scale: float):
+        if policy.name not in SUPPORTED_POLICIES:
+            raise ValueError(f"tokaccel.vllm supports the policies {SUPPORTED_POLICIES}, got {policy.name!r}")
+        if policy.position_mode != "original":
+            raise ValueError("tokaccel.vllm: vLLM caches rotated keys; the policy needs position_mode='original'")
+        info = LayerInfo(layer_idx, num_heads, num_kv_heads, head_dim, None, "full_attention")
+        self.policy, self.scale = policy, float(scale)
+        self.ctx = LayerContext(info, policy, Stats(), state=policy.standalone_state(info, None))
+        self.active = policy.applies_to(info)
+        self.page = getattr(policy, "page", None) if policy.name == "quest" else None
+        self.requests: dict[int, list[RequestState]] = {}  # first block id -> states
+        self.calls = 0
+
+    def is_sparse(self, n: int) -> bool:
+        """Whether a decode step over n tokens reads a selection (else the parent backend attends)."""
+        return self.active and (not self.policy.dense_fallback or n > self.policy.budget)
+
+    # -- request states --------------------------------------------------------------------------
+    def state_for(self, key_cache: torch.Tensor, blocks: torch.Tensor, n: int) -> RequestState:
+        """The sequence's state, or a fresh one (replacing any stale state on its first block)."""
+        states = self.requests.setdefault(int(blocks[0]), [])
+        for state in states:
+            if state.describes(key_cache, blocks, n):
+                state.last_call = self.calls
+                return state
+        states[:] = [s for s in states if self.calls - s.last_call < 2]  # another live sequence sharing block 0
+        state = RequestState(blocks[:0].clone(), 0, key_cache.new_zeros(0), self.calls)
+        states.append(state)
+        return state
+
+    def prune(self) -> None:
+        """Drop states of sequences not seen for STALE_CALLS calls (finished or preempted)."""
+        for first in [f for f, states in self.requests.items()
+                      if all(self.calls - s.last_call >= STALE_CALLS for s in states)]:
+            del self.requests[first]
+
+    def _remember(self, state: RequestState, key_cache: torch.Tensor, blocks: torch.Tensor, n: int) -> None:
+        bs = key_cache.shape[3]
+        state.blocks, state.tokens = blocks[:-(-n // bs)].clone(), n
+        state.fingerprint = last_key(key_cache, blocks, n).clone()
+
+    def _update_pages(self, state: RequestState, key_cache: torch.Tensor, blocks: torch.Tensor, n: int) -> None:
+        """Quest's page max / min (`BlockIndex`) brought to n tokens: only the pages that received
+        tokens since the last update are summarised again, from rows read out of the paged cache."""
+        from ..kernels.block_index import block_summaries
+
+        index = state.block_index
+        if index is None or index.tokens > n:
+            index = state.block_index = BlockIndex(self.page, with_mean=False, with_bounds=True)
+        if index.tokens == n:
+            return
+        first = index.tokens // self.page
+        idx = torch.arange(first * self.page, n, device=blocks.device)
+        keys = key_rows_at(key_cache, blocks, idx)
+        _, kmax, kmin, count = block_summaries(keys.contiguous(), None, self.page, 0)
+        keep = slice(0, first)
+        index.kmax = kmax if index.kmax is None else torch.cat((index.kmax[:, :, keep], kmax), dim=2)
+        index.kmin = kmin if index.kmin is None else torch.cat((index.kmin[:, :, keep], kmin), dim=2)
+        index.count = count if index.count is None else torch.cat((index.count[:, keep], count), dim=1)
+        index.tokens = n
+
+    # -- decode ----------------------------------------------------------------------------------
+    def decode(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, blocks: torch.Tensor,
+               n: int) -> torch.Tensor:
+        p, stats = self.policy, self.ctx.stats
+        state = self.state_for(key_cache, blocks, n)
+        query = q[None]  # [1, H, D]
+        flat = query.reshape(1, -1).float()
+        local = max(n - p.n_local, 0)
+        if self.page is not None:
+            self._update_pages(state, key_cache, blocks, n)
+        hit = bool(cache_hits(state.selection, flat, p.theta)[0])
+        stats["selection_hits" if hit else "selection_misses"] += 1
+        if not hit:
+            if self.page is not None:  # Quest scores page summaries only: the call's keys are a shape
+                keys = key_cache.new_empty(1, key_cache.shape[1], 1, key_cache.shape[2]).expand(-1, -1, n, -1)
+            else:
+                keys = key_rows(key_cache, blocks, n)
+            call = SelectionCall(p, self.ctx, query[:, :, None], keys, None, None, self.scale, state, compact=False)
+            mid, mid_valid = call.select(query, local)
+            start = torch.full((1,), local, dtype=torch.long, device=q.device)
+            state.selection = SelectionState(flat, mid, mid_valid, start)
+        selection = state.selection
+        first = torch.zeros(1, dtype=torch.long, device=q.device)
+        idx, valid = assemble(first, p.n_init, selection.mid, selection.mid_valid, selection.local_start, n, None)
+        keys, values = rows_at(key_cache, value_cache, blocks, idx[0])
+        stats.record_read(1, 1, idx.shape[1], keys.shape[1], q.shape[-1], keys.element_size())
+        self._remember(state, key_cache, blocks, n)
+        return attend(q, keys, values, valid[0], self.scale)
+
