@@ -420,7 +420,7 @@ def _colsum_kernel(
 def attention_column_sums_triton(q, k, scale, *, causal=True, key_valid=None, query_valid=None,
                                  query_weight=None, lse=None, tile=256) -> torch.Tensor:
     """Triton launcher (inputs already validated) -> colsum [B, Hk, N] fp32; ``tile`` is unused."""
-    from .eviction import _query_weights
+    from .eviction import query_weights
 
     B, H, S, D = q.shape
     Hk, N = k.shape[1], k.shape[2]
@@ -431,7 +431,7 @@ def attention_column_sums_triton(q, k, scale, *, causal=True, key_valid=None, qu
         return out.zero_()
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     valid = _mask_int8(key_valid, dev)
-    w = _query_weights(query_valid, query_weight)
+    w = query_weights(query_valid, query_weight)
     w = w.contiguous() if w is not None else torch.empty(1, dtype=torch.float32, device=dev)
     block_m, block_n, block_d = _colsum_blocks(q.dtype, D, S)
     upcast = bool(interpret_enabled() and q.dtype == torch.bfloat16)

@@ -94,7 +94,7 @@ def softmax_head_sum_triton(scores: torch.Tensor, weights: Optional[torch.Tensor
 
     ``overwrite`` is accepted for signature parity and ignored (scores are only read).
     ``splits`` overrides the number of token splits of pass 1 (tests)."""
-    from .soft_vote import _row_stats
+    from .soft_vote import head_row_stats
 
     B, R, N = scores.shape
     if scores.stride(-1) != 1:
@@ -114,7 +114,7 @@ def softmax_head_sum_triton(scores: torch.Tensor, weights: Optional[torch.Tensor
                                    scores.stride(1), BLOCK_N=STATS_BLOCK_N, num_warps=4)
     m = m_part.amax(-1, keepdim=True)
     l_sum = (l_part * torch.exp(m_part - m)).sum(-1, keepdim=True)
-    m, coef = _row_stats(m.view(B, R, 1), l_sum.view(B, R, 1), weights)
+    m, coef = head_row_stats(m.view(B, R, 1), l_sum.view(B, R, 1), weights)
     m, coef = m.view(B, R).contiguous(), coef.view(B, R).contiguous()
     _sum_kernel[(triton.cdiv(N, SUM_BLOCK_N), B)](scores, m, coef, out, N, R, scores.stride(0), scores.stride(1),
                                                   out.stride(0), BLOCK_N=SUM_BLOCK_N, BLOCK_R=SUM_BLOCK_R,

@@ -107,7 +107,7 @@ def decode_attention_probs_reference(q, k, v, scale, key_valid=None) -> Tuple[to
     return out, p.mean(2)
 
 
-def _query_weights(query_valid, query_weight) -> Optional[torch.Tensor]:
+def query_weights(query_valid, query_weight) -> Optional[torch.Tensor]:
     """w [B, S] fp32 (query_valid times query_weight), None when both are None."""
     if query_valid is None:
         return query_weight
@@ -125,7 +125,7 @@ def attention_column_sums_reference(q, k, scale, *, causal: bool = True, key_val
     G = H // Hk
     out = torch.zeros(B, Hk, N, dtype=torch.float32, device=q.device)
     kf = k.float()
-    w = _query_weights(query_valid, query_weight)
+    w = query_weights(query_valid, query_weight)
     hidden = None if key_valid is None else ~key_valid[:, :, None, :]
     for a in range(0, S, tile):
         e = min(S, a + tile)

@@ -38,7 +38,7 @@ def check_softmax_head_sum_inputs(scores: torch.Tensor, weights: Optional[torch.
             raise ValueError(f"{name}: weights on {weights.device}, scores on {scores.device}")
 
 
-def _row_stats(m: torch.Tensor, l: torch.Tensor, weights: Optional[torch.Tensor]):
+def head_row_stats(m: torch.Tensor, l: torch.Tensor, weights: Optional[torch.Tensor]):
     """(max made finite, weight / exp-sum with 0 for empty rows), both [B, R, 1]."""
     coef = torch.where(l > 0, 1.0 / l.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(l))
     if weights is not None:
@@ -59,7 +59,7 @@ def softmax_head_sum_reference(
         return scores.new_zeros(scores.shape[0], 0)
     m = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
     e = scores.sub_(m).exp_() if overwrite else (scores - m).exp_()
-    _, coef = _row_stats(m, e.sum(-1, keepdim=True), weights)
+    _, coef = head_row_stats(m, e.sum(-1, keepdim=True), weights)
     return torch.bmm(coef.transpose(1, 2), e).squeeze(1)
 
 

@@ -12,7 +12,7 @@ from tokaccel.cache import SelectionLayer
 from tokaccel.kernels.ops import block_bound_scores, block_summaries
 from tokaccel.policies import HISA, Quest, TokenSelect
 from tokaccel.policies.base import LayerContext, LayerInfo
-from tokaccel.policies.tokenselect import _Call
+from tokaccel.policies.engine import SelectionCall
 from tokaccel.stats import Stats
 
 from testkit.models import tiny_model
@@ -65,9 +65,9 @@ def _selection(policy, q, key, key_valid, end, query_valid=None):
     """The (mid, valid) that `policy` adds to sinks and local window for scoring queries q."""
     B, Hk, N, D = key.shape
     info = LayerInfo(0, q.shape[1], Hk, D, None, "full_attention")
-    call = _Call(policy, LayerContext(info, policy, Stats()), q if q.dim() == 4 else q[:, :, None], key, key,
-                 key_valid, D ** -0.5)
-    return call._select(q, end, query_valid)
+    call = SelectionCall(policy, LayerContext(info, policy, Stats()), q if q.dim() == 4 else q[:, :, None], key, key,
+                         key_valid, D ** -0.5)
+    return call.select(q, end, query_valid)
 
 
 def _random_selection_inputs(B=2, H=6, Hk=2, N=150, D=16, pad=11, seed=0):

@@ -107,3 +107,44 @@ def test_registry_sits_above_policies_and_vision():
     assert not [m for m in below if "tokaccel.registry" in graph[m]]
     assert not [m for m in graph if m.startswith("tokaccel.policies") and any(
         t.startswith("tokaccel.vision") or t == "tokaccel.calibrate" for t in graph[m])]
+
+
+def private_reads(source: str, own: str) -> list[str]:
+    """Private names (one leading underscore) that module `own` takes from other tokaccel modules:
+    `from tokaccel.x import _name` (imports anywhere, lazy ones included) and `alias._name` where
+    alias is a tokaccel module the code imported (`import tokaccel.x as alias`, `from . import x`).
+    Names inside `own` itself are its own business."""
+    found, aliases = [], {}
+    package = own if own.endswith("__init__") else own.rpartition(".")[0]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            if not base.startswith("tokaccel") or base == own:
+                continue
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(f"from {base} import {alias.name}")
+                aliases[alias.asname or alias.name] = f"{base}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("tokaccel") and alias.asname:
+                    aliases[alias.asname] = alias.name
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
+                and node.attr.startswith("_") and not node.attr.startswith("__"):
+            found.append(f"{node.value.id}.{node.attr}")
+    return found
+
+
+def test_the_private_name_scan_finds_planted_reads():
+    source = "from tokaccel.policies.engine import _secret\nfrom .cache import ok\nfrom . import rope\nrope._table\n"
+    assert private_reads(source, "tokaccel.patch") == ["from tokaccel.policies.engine import _secret", "rope._table"]
+    assert private_reads("from ._impl import thing\n", "tokaccel.kernels.ops") == []  # a private module's public name
+
+
+def test_no_module_reads_another_modules_private_names():
+    reads = {name: private_reads(path.read_text(encoding="utf-8"), name) for name, path in _modules().items()}
+    assert {name: found for name, found in reads.items() if found} == {}

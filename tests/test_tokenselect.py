@@ -465,7 +465,7 @@ def test_unsupported_models_and_caches_are_refused():
 def test_batch_with_mixed_hits_and_misses(monkeypatch):
     """Row 0 reuses its selection while row 1 re-selects (merge_rows): row 0 keeps its old local
     window start and grows by one token per step; the accounting is per row."""
-    from tokaccel.policies import tokenselect as module
+    from tokaccel.policies import engine as module
 
     def first_row_hits(state, query, theta):
         return cache_hits(state, query, theta) if state is None else torch.tensor([True, False])

@@ -237,7 +237,7 @@ class EvictionLayer(DynamicLayer):
     def __init__(self, budget: int | float):
         super().__init__()
         self.budget_spec = budget
-        self.budget: int | None = budget if isinstance(budget, int) else None  # a fraction resolves on the prompt
+        self.budget: int | None = None if isinstance(budget, float) else int(budget)  # a fraction resolves on the prompt
         self.seen = 0
         self.stored = 0  # slots held before the current call's new tokens
         self.row_start: torch.Tensor | None = None  # [B] long: index of each row's first real token

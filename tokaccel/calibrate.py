@@ -39,13 +39,13 @@ from .policies.fasa_calibration import (  # noqa: F401  (re-exported: the calibr
     SELECTIONS,
     calibrate_command,
     calibration_path,
-    check_pairing,
     fc_dims,
     fc_pairs,
     load_calibration,
     model_key_of,
     save_calibration,
 )
+from .validation import check_choice, check_int, check_number, invalid
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +152,8 @@ class _RecordingDense(Dense):
 def query_positions(length: int, top_k: int, queries: int) -> torch.Tensor:
     """`queries` positions spread evenly over the second half of a `length`-token sample."""
     if top_k > length // 2:
-        raise ValueError(f"fasa calibration: top_k={top_k} needs samples of at least {2 * top_k} tokens, "
-                         f"got {length}")
+        raise invalid("fasa calibration", "top_k", top_k, f"it needs samples of at least {2 * top_k} tokens, "
+                                                          f"got {length}")
     return torch.linspace(length // 2, length - 1, min(queries, length - length // 2)).round().long()
 
 
@@ -166,13 +166,11 @@ def calibrate_fasa(model, samples: list[torch.Tensor], top_k: int = 128, fractio
     chosen by `selection` ("single": by their own overlap; "combined": greedy for their sum)."""
     from .patch import patch_state, patched
 
-    check_pairing(pairing)
-    if selection not in SELECTIONS:
-        raise ValueError(f"fasa calibration: selection={selection!r} is not valid; choose one of {SELECTIONS}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"fasa calibration: top_k={top_k!r} is not valid; expected an integer >= 1")
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        raise ValueError(f"fasa calibration: fraction={fraction!r} is not valid; expected a number in (0, 1]")
+    owner = "fasa calibration"
+    check_choice(owner, "pairing", pairing, PAIRINGS)
+    check_choice(owner, "selection", selection, SELECTIONS)
+    check_int(owner, "top_k", top_k, 1)
+    check_number(owner, "fraction", fraction, 0, 1, low_open=True)
     if not samples or len({s.shape[-1] for s in samples}) != 1:
         raise ValueError("fasa calibration: give at least one sample, all of the same length")
     length = samples[0].shape[-1]

@@ -1,10 +1,10 @@
-"""Which tokens attention reads: the TokenSelect soft-vote scorer and the shared selector.
+"""Which tokens attention reads: the selector's tensor operations and the soft-vote scorer.
 
 A *scorer* turns queries and candidate keys into one vote per candidate token ([B, N] fp32,
--inf for non-candidates). The *selector* is shared by every selection policy: top-k of the votes,
-plus the attention sinks (first `n_init` real tokens of each row) and the local window, with a
-selection cache that reuses the previous index set while the query barely moves. The result is
-one sorted index set per batch row, shared by all heads.
+-inf for non-candidates). The *selector* (run by `tokaccel.policies.engine` for every selection
+policy) takes the top-k of the votes, plus the attention sinks (first `n_init` real tokens of each
+row) and the local window, with a selection cache that reuses the previous index set while the
+query barely moves. The result is one sorted index set per batch row, shared by all heads.
 
 Index sets are *left-aligned*: invalid entries (padding, rows with fewer candidates than `k`)
 come first and are masked, valid entries follow in increasing position order. Compact positions

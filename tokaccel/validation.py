@@ -42,11 +42,23 @@ def check_optional_int(owner: str, name: str, value, low: int = 0) -> None:
 def check_number(owner: str, name: str, value, low: float, high: float, low_open: bool = False,
                  high_open: bool = False) -> None:
     """A real number in the interval from low to high, each end closed unless `*_open`."""
-    ok = is_number(value) and (value > low if low_open else value >= low) and \
-        (value < high if high_open else value <= high)
+    if not (is_number(value) and _within(value, low, high, low_open, high_open)):
+        raise invalid(owner, name, value, f"expected a number in {_interval(low, high, low_open, high_open)}")
+
+
+def check_count_or_fraction(owner: str, name: str, value, count: str = "a count", fraction: str = "a fraction",
+                            low: int = 1, low_open: bool = True, high_open: bool = False) -> None:
+    """A count (an integer >= low) or a fraction (a float in the interval from 0 to 1, each end
+    closed unless `*_open`); the type says which, so 1 is one token and 1.0 all of them.
+    `count` and `fraction` name them in the message: a budget is "tokens kept per layer" or
+    "a fraction of the prompt"."""
+    if is_int(value):
+        ok = value >= low
+    else:
+        ok = isinstance(value, float) and _within(value, 0, 1, low_open, high_open)
     if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise invalid(owner, name, value, f"expected a number in {interval}")
+        raise invalid(owner, name, value, f"expected {count} (an integer >= {low}) or {fraction} "
+                                          f"(a float in {_interval(0, 1, low_open, high_open)})")
 
 
 def check_bool(owner: str, name: str, value) -> None:
@@ -57,3 +69,11 @@ def check_bool(owner: str, name: str, value) -> None:
 def check_choice(owner: str, name: str, value, choices: Collection) -> None:
     if value not in choices:
         raise invalid(owner, name, value, f"choose one of {tuple(choices)}")
+
+
+def _within(value, low, high, low_open: bool, high_open: bool) -> bool:
+    return (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+
+
+def _interval(low, high, low_open: bool, high_open: bool) -> str:
+    return f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"

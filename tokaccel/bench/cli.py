@@ -247,7 +247,7 @@ def run_spec_command(args) -> int:
 
 
 def run_vision_command(args) -> int:
-    from ..vision.prefill_bench import run
+    from .vision_prefill import run
     from .results import VISION_CSV, run_metadata
 
     if args.threads:

@@ -1,4 +1,4 @@
-"""Op-level steps of the selection policies (TokenSelect and its subclasses) for `bench ops`.
+"""Op-level steps of the selection policies (tokaccel.policies.engine) for `bench ops`.
 
 "total" is the policy's own `attend()` on one layer, as a patched model calls it (query
 un-rotation in compact mode, selection-cache check, scoring, top-k, index assembly, attention);
@@ -14,14 +14,16 @@ the other parts time its pieces on the same inputs:
   "score", "topk", "attention" (the indexed prefill kernel: gathers the selected rows + the chunk,
   re-rotates in compact mode and attends causally).
 
-HISA, Quest and FASA (`--impls hisa,quest,fasa`) replace TokenSelect's scorer: their "score" part is the
-policy's whole candidate choice (`choose`: block / page scoring from the block index, HISA's
-token soft vote inside the kept blocks, and their top-k), so they report no separate "topk". The
+A policy whose scorer is a vote over every candidate key (TokenSelect: `vote` returns votes) is
+timed as "score" (the vote) and "topk"; the others (HISA, Quest, FASA: `--impls hisa,quest,fasa`)
+as "score" = the policy's whole candidate choice (`choose`: block / page scoring from the block
+index, HISA's token soft vote inside the kept blocks, FASA's partial-dim vote, and their top-k),
+and report no separate "topk" and no prefill chunk. The
 block index is built once before timing, as a cache that has seen every token holds it (its
-per-step update, at most one block re-summarised, is not timed). FASA's cache stores each head's
-dominant dims first (n_fc random frequency chunks per KV head stand in for a calibration): the
-random K is taken as stored in that order, its scorer reads the first d columns and attention
-un-permutes the rows it reads.
+per-step update, at most one block re-summarised, is not timed). The layer state is the policy's
+`standalone_state` (FASA: n_fc random frequency chunks per KV head stand in for a calibration) and
+the cache stores keys in the policy's `key_layout` (FASA: each head's dominant dims first, in
+column tiles on CPU): the random K is taken as stored in that layout.
 
 K/V are the bench's random tensors, taken as the cache a policy stores (pre-RoPE in compact
 mode). The rotary table is the standard RoPE (base 10000) of the shape's head dim.
@@ -34,9 +36,7 @@ import torch
 from ..cache import SelectionLayer
 from ..registry import make_policy
 from ..policies.base import LayerContext, LayerInfo
-from ..policies.fasa_calibration import fc_dims
-from ..policies.fasa import FASA, _FasaRuntime, dominant_first
-from ..policies.tokenselect import TokenSelect, _Call, _Runtime
+from ..policies.engine import SelectionCall, SelectionPolicy
 from ..rope import RopeTable
 from ..selection import assemble, top_k
 from ..stats import Stats
@@ -67,16 +67,20 @@ class _Module:
         self.training = False
 
 
-def _compact(policy: TokenSelect) -> bool:
+def _compact(policy: SelectionPolicy) -> bool:
     """Compact positions in the op bench, which has no trained length: "auto" is timed as compact."""
     return policy.position_mode != "original"
 
 
-def _context(policy: TokenSelect, case: OpCase, queries: int, layer: SelectionLayer) -> LayerContext:
+def _context(policy: SelectionPolicy, case: OpCase, queries: int, layer: SelectionLayer) -> LayerContext:
     shape = case.shape
     info = LayerInfo(0, shape.num_heads, shape.num_kv_heads, shape.head_dim, None, "full_attention")
     table = RopeTable(StandardRotary(shape.head_dim)) if _compact(policy) else None
-    ctx = LayerContext(info, policy, Stats(), module=_Module(case), state=_Runtime(rope=table))
+    state = policy.standalone_state(info, table)
+    for name, value in vars(state).items():  # tensors the policy keeps per layer, on the bench's device
+        if isinstance(value, torch.Tensor):
+            setattr(state, name, value.to(case.device))
+    ctx = LayerContext(info, policy, Stats(), module=_Module(case), state=state)
     inputs = {"cache": type("Cache", (), {"layers": [layer]})()}
     if _compact(policy):  # the (cos, sin) HF passes for the queries' own positions N - queries .. N - 1
         cos, sin = table(case.n, case.device, case.dtype)
@@ -86,11 +90,11 @@ def _context(policy: TokenSelect, case: OpCase, queries: int, layer: SelectionLa
 
 
 def selection_setup(case: OpCase) -> OpBench | None:
-    """decode_hit / decode_miss / prefill_chunk of a TokenSelect-family policy (`case.impl` spec)."""
+    """decode_hit / decode_miss / prefill_chunk of a selection policy (`case.impl` spec)."""
     if case.phase not in ("decode_hit", "decode_miss", "prefill_chunk"):
         return None
     policy = make_policy(case.impl)
-    if not isinstance(policy, TokenSelect):
+    if not isinstance(policy, SelectionPolicy):
         raise ValueError(f"{case.impl!r} is not a selection policy")
     if case.n <= policy.budget:
         raise ValueError(f"N={case.n} fits the budget n_init + k + n_local = {policy.budget}: the step is dense")
@@ -99,14 +103,13 @@ def selection_setup(case: OpCase) -> OpBench | None:
     layer = SelectionLayer(pre_rope=_compact(policy))
     ctx = _context(policy, case, q.shape[2], layer)
     keys = x.k
-    if isinstance(policy, FASA):  # dims a calibration would give: which ones does not change the cost
-        ctx.state = _bench_fasa_state(policy, case, ctx.state)
-        tile = policy.key_tile(ctx, case.device)
-        layer.use_key_order(ctx.state.order, tile)
-        if tile is not None:  # the cache's column tiles (random keys: their dim order is immaterial)
+    layout = policy.key_layout(ctx.state, case.device)
+    if layout is not None:
+        layer.use_key_order(layout.order, layout.tile)
+        if layout.tile is not None:  # the cache's column tiles (random keys: their dim order is immaterial)
             from ..kernels.indexed_attention import tile_keys
 
-            keys = tile_keys(x.k, tile).contiguous()
+            keys = tile_keys(x.k, layout.tile).contiguous()
     module, scale = ctx.module, ctx.module.scaling
 
     def total():
@@ -118,23 +121,18 @@ def selection_setup(case: OpCase) -> OpBench | None:
         from ..rope import unrotate
 
         q_in = unrotate(q, *ctx.inputs["position_embeddings"], ctx.state.rope.scaling)
-    call = _Call(policy, ctx, q_in, keys, x.v, None, scale, layer, _compact(policy))
+    call = SelectionCall(policy, ctx, q_in, keys, x.v, None, scale, layer, _compact(policy))
     if case.phase == "prefill_chunk":
-        if type(policy).choose is not TokenSelect.choose:
-            return None  # not implemented for HISA / Quest: their miss step is what the issue measures
+        if not _votes_every_candidate(policy, call):
+            return None  # not implemented for a scorer of its own (HISA / Quest / FASA): its miss step is timed
         return _prefill_bench(case, policy, call, total)
     return _decode_bench(case, policy, call, layer, total)
 
 
-def _bench_fasa_state(policy: FASA, case: OpCase, state: _Runtime) -> _FasaRuntime:
-    """FASA's layer state with n_fc (default D/8) frequency chunks per KV head, a different
-    random set per head, in place of a calibration file."""
-    D, Hk = case.shape.head_dim, case.shape.num_kv_heads
-    n_fc = policy.n_fc or max(1, round(0.25 * D / 2))
-    g = torch.Generator().manual_seed(0)
-    fcs = [sorted(torch.randperm(D // 2, generator=g)[:n_fc].tolist()) for _ in range(Hk)]
-    dims = torch.tensor([fc_dims(f, D, policy.pairing) for f in fcs], dtype=torch.long)
-    return _FasaRuntime(rope=state.rope, dims=dims.to(case.device), order=dominant_first(dims, D).to(case.device))
+def _votes_every_candidate(policy: SelectionPolicy, call: SelectionCall) -> bool:
+    """Whether the policy's scorer is `vote` over every candidate key then top-k (its `vote` returns
+    votes), so the bench can time the two apart."""
+    return policy.vote(call.query[:, :, 0], call.key[:, :, :1], call.scale, None) is not None
 
 
 def _decode_bench(case, policy, call, layer, total) -> OpBench:
@@ -142,7 +140,7 @@ def _decode_bench(case, policy, call, layer, total) -> OpBench:
 
     x, n = case.inputs, case.n
     end = n - policy.n_local
-    f = call._scoring_query(call.query[:, :, 0])
+    f = call.scoring_query(call.query[:, :, 0])
     score, mid, mid_valid, score_info = _scoring(case, policy, call, f, end)
     vote_bytes = score_info.pop("vote_bytes", None)
     own_score_bytes, own_score_flops = score_info.pop("score_bytes", None), score_info.pop("score_flops", None)
@@ -184,11 +182,11 @@ def _decode_bench(case, policy, call, layer, total) -> OpBench:
 
 def _scoring(case, policy, call, f, end):
     """The timed scoring parts of a miss for scoring queries f, and its result:
-    (parts, mid [B, k'] absolute rows, mid_valid, info). TokenSelect: "score" (the soft vote) and
-    "topk"; a subclass with its own scorer (HISA, Quest): "score" = its `choose`, with the bytes
-    and flops its stats counters record (block summaries + keys scored)."""
+    (parts, mid [B, k'] absolute rows, mid_valid, info). A vote over every candidate (TokenSelect):
+    "score" (the vote) and "topk"; a scorer of its own (HISA, Quest, FASA): "score" = its `choose`,
+    with the bytes and flops its stats counters record (block summaries + keys scored)."""
     start = policy.n_init
-    if type(policy).choose is TokenSelect.choose:
+    if _votes_every_candidate(policy, call):
         candidates = case.inputs.k[:, :, start:end]
         vote = policy.vote(f, candidates, call.scale, None)
         mid, mid_valid = top_k(vote, policy.k, policy.pool)
@@ -216,7 +214,7 @@ def _prefill_bench(case, policy, call, total) -> OpBench:
     end = max(a - policy.n_local, 0)
     w = min(policy.tail, c) if policy.tail else 0
     q = call.query
-    f = call._scoring_query(q[:, :, -w:]) if w else call._scoring_query(q.float().mean(dim=2).to(q.dtype))
+    f = call.scoring_query(q[:, :, -w:]) if w else call.scoring_query(q.float().mean(dim=2).to(q.dtype))
     candidates = x.k[:, :, policy.n_init:end]
     vote = policy.vote(f, candidates, call.scale, None)
     mid, mid_valid = top_k(vote, policy.k, policy.pool)
@@ -246,7 +244,8 @@ def _prefill_bench(case, policy, call, total) -> OpBench:
     )
 
 
-register_op_bench("tokenselect", selection_setup, "TokenSelect (METHODS 1.1): decode hit / miss, prefill chunk")
-register_op_bench("hisa", selection_setup, "HISA (METHODS 1.2): block-then-token scoring; decode hit / miss")
-register_op_bench("quest", selection_setup, "Quest (METHODS 1.4): page upper-bound scoring; decode hit / miss")
-register_op_bench("fasa", selection_setup, "FASA (METHODS 1.3): dominant-frequency-chunk scoring (random dims); decode hit / miss")
+register_op_bench("tokenselect", selection_setup, "TokenSelect (docs/methods.md §1.1): decode hit / miss, prefill chunk")
+register_op_bench("hisa", selection_setup, "HISA (docs/methods.md §1.2): block-then-token scoring; decode hit / miss")
+register_op_bench("quest", selection_setup, "Quest (docs/methods.md §1.4): page upper-bound scoring; decode hit / miss")
+register_op_bench("fasa", selection_setup,
+                  "FASA (docs/methods.md §1.3): dominant-frequency-chunk scoring (random dims); decode hit / miss")

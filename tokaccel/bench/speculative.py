@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 from ..registry import parse_spec
+from ..validation import invalid
 from .spec_prompts import PROMPTS, WARMUP, prompt_set
 
 BASELINE = "greedy"
@@ -58,8 +59,8 @@ def _variant_kwargs(spec: str, pack_default: bool) -> tuple[str, dict, bool]:
     if name == "greedy" and not cfg:
         raise ValueError("greedy always runs as the baseline; list it only with an option (greedy:packed=1)")
     packed = cfg.get("packed", pack_default)
-    if packed not in (0, 1, True, False):
-        raise ValueError(f"{spec}: packed must be 0 or 1")
+    if packed not in (0, 1):  # True and False are 1 and 0
+        raise invalid(f"bench spec variant {spec!r}", "packed", packed, "packed must be 0 or 1")
     if name == "recycling":
         from .. import recycling
 

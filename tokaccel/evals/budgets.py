@@ -110,7 +110,7 @@ def _save(fig, labelled: dict, title: str, target: Path, ncols: int) -> Path:
 def plot_budgets(path, out_dir=None) -> list[Path]:
     """`<model>_accuracy_at_equal_budget.png` for the results under `path` (into `out_dir`,
     default `path/plots`)."""
-    from .plots import _figure
+    from .plots import figure
 
     results = collect_results(path)
     out = Path(out_dir) if out_dir else Path(path) / "plots"
@@ -121,7 +121,7 @@ def plot_budgets(path, out_dir=None) -> list[Path]:
         column = _labels(mine)
         tasks = sorted({r["task"] for r in mine})
         fractions = sorted({budget_fraction(r) for r in mine} - {1.0}, reverse=True)
-        fig, axes = _figure(len(tasks), width=4.6)
+        fig, axes = figure(len(tasks), width=4.6)
         policies = sorted(set(column.values()))
         colors = _colors(policies)
         labelled = {}
@@ -148,7 +148,7 @@ def plot_vs_budget(path, out_dir=None) -> list[Path]:
     """`<model>_accuracy_vs_budget.png` for the results under `path` (into `out_dir`, default
     `path/plots`): one panel per (task, length) holding two or more budget fractions, score vs the
     share of the prompt kept / read, a line per policy, dense dashed."""
-    from .plots import _figure
+    from .plots import figure
 
     results = collect_results(path)
     out = Path(out_dir) if out_dir else Path(path) / "plots"
@@ -161,7 +161,7 @@ def plot_vs_budget(path, out_dir=None) -> list[Path]:
         if not panels:
             continue
         out.mkdir(parents=True, exist_ok=True)
-        fig, axes = _figure(len(panels), width=4.2)
+        fig, axes = figure(len(panels), width=4.2)
         policies = sorted(set(label.values()) - {"dense"})
         colors = _colors(policies)
         labelled = {}

@@ -16,7 +16,7 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _forward(model, ids: list[int], cache, start: int, logits_to_keep: int = 1):
+def forward_tokens(model, ids: list[int], cache, start: int, logits_to_keep: int = 1):
     device = _device(model)
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     position_ids = torch.arange(start, start + len(ids), device=device).unsqueeze(0)
@@ -34,7 +34,7 @@ def prefill(model, ids: list[int], cache=None, start: int = 0, chunk: int | None
     step = chunk or len(ids)
     logits = None
     for s in range(0, len(ids), step):
-        cache, logits = _forward(model, ids[s : s + step], cache, start + s)
+        cache, logits = forward_tokens(model, ids[s : s + step], cache, start + s)
     return cache, logits[-1].float()
 
 
@@ -69,7 +69,7 @@ def greedy(model, cache, ids: list[int], start: int, max_new_tokens: int, stop_i
         out.append(token)
         if token in stop_ids or len(out) == max_new_tokens:
             break
-        cache, step_logits = _forward(model, [token], cache, pos)
+        cache, step_logits = forward_tokens(model, [token], cache, pos)
         logits = step_logits[-1]
         pos += 1
     return out

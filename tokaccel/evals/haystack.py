@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 import re
 
+from ..validation import check_number
+
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 KINDS = ("noise", "essay")
 _MAX_UNIT_WORDS = 40  # long sentences are split so a needle can be placed near any depth
@@ -120,8 +122,7 @@ def assemble(filler: list[list[int]], n_fill: int, inserts: list[tuple[float, li
         boundaries.append(n_fill)
     placed = []
     for order, (depth, ids) in enumerate(inserts):
-        if not 0.0 <= depth <= 1.0:
-            raise ValueError(f"depth must be in [0, 1], got {depth}")
+        check_number("haystack", "depth", depth, 0, 1)
         target = depth * n_fill
         at = min(boundaries, key=lambda b: (abs(b - target), b))
         placed.append((at, order, ids))

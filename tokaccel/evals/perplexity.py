@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from .decoding import _forward, prefill
+from ..validation import invalid, is_int
+from .decoding import forward_tokens, prefill
 
 
 def _model_vocab(model) -> int | None:
@@ -29,8 +30,9 @@ def perplexity_ids(model, ids: list[int], eval_len: int, chunk: int | None = 204
                    prefill_context=None) -> dict:
     """NLL of ids[-eval_len:] given everything before them, on the model as it is (patched or not).
     `prefill_context(model)` (optional) wraps the context prefill, e.g. a kvpress press."""
-    if not 0 < eval_len < len(ids):
-        raise ValueError(f"eval_len={eval_len} must be in (0, {len(ids)}): the document needs context before the scored part")
+    if not (is_int(eval_len) and 0 < eval_len < len(ids)):
+        raise invalid("perplexity", "eval_len", eval_len, f"expected an integer in [1, {len(ids) - 1}] "
+                                                          "(the document needs context before the scored part)")
     vocab = _model_vocab(model)
     if vocab is not None and max(ids) >= vocab:
         raise ValueError(f"token id {max(ids)} is outside the model's vocabulary ({vocab}); tokenizer and model do not match")
@@ -44,7 +46,7 @@ def perplexity_ids(model, ids: list[int], eval_len: int, chunk: int | None = 204
     pos, step = n_ctx, max(1, int(eval_chunk))
     while pos < len(ids) - 1:
         piece = ids[pos : min(pos + step, len(ids) - 1)]
-        cache, out = _forward(model, piece, cache, pos, logits_to_keep=len(piece))
+        cache, out = forward_tokens(model, piece, cache, pos, logits_to_keep=len(piece))
         logp = torch.log_softmax(out.float(), -1)
         nll.append(-logp.gather(-1, targets[pos - n_ctx + 1 : pos - n_ctx + 1 + len(piece)].unsqueeze(-1)).squeeze(-1))
         pos += len(piece)

@@ -14,7 +14,7 @@ from .runner import collect_results, slug
 logger = logging.getLogger(__name__)
 
 
-def _figure(panels: int, width: float = 4.2, height: float = 3.4):
+def figure(panels: int, width: float = 4.2, height: float = 3.4):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -29,7 +29,7 @@ def _figure(panels: int, width: float = 4.2, height: float = 3.4):
 def _accuracy_vs_length(model: str, results: list[dict], out_dir: Path) -> Path:
     tasks = sorted({r["task"] for r in results})
     colors = {label: f"C{i % 10}" for i, label in enumerate(dict.fromkeys(r["policy_label"] for r in results))}
-    fig, axes = _figure(len(tasks))
+    fig, axes = figure(len(tasks))
     for ax, task in zip(axes, tasks):
         rows = [r for r in results if r["task"] == task]
         for label in dict.fromkeys(r["policy_label"] for r in rows):  # one colour per policy in every panel
@@ -57,7 +57,7 @@ def _depth_heatmaps(model: str, label: str, results: list[dict], out_dir: Path) 
         return None
     import numpy as np
 
-    fig, axes = _figure(len(tasks), width=4.8)
+    fig, axes = figure(len(tasks), width=4.8)
     image = None
     for ax, task in zip(axes, tasks):
         cells = {(r["length"], d): v for r in rows if r["task"] == task for d, v in r["metrics"]["by_depth"].items()}

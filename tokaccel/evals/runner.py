@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from ..validation import invalid
 from . import metrics as scoring
 from .decoding import eos_ids, greedy, prefill
 from .perplexity import perplexity_ids
@@ -402,7 +403,7 @@ def _torch_dtype(dtype) -> torch.dtype:
         return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                 "float16": torch.float16, "fp16": torch.float16}[str(dtype).replace("torch.", "")]
     except KeyError:
-        raise ValueError(f"dtype {dtype!r}: use float32, bfloat16 or float16") from None
+        raise invalid("run_eval", "dtype", dtype, "choose one of float32, bfloat16, float16 (or a torch.dtype)") from None
 
 
 def _device(device: str) -> str:

@@ -27,6 +27,7 @@ import random
 import string
 import uuid
 
+from ..validation import check_int
 from . import haystack
 from .samples import PromptFormat, Question, Sample, Task
 
@@ -389,8 +390,7 @@ def _build_ppl(task: Task, fmt: PromptFormat, length: int, rng: random.Random, d
     units = haystack.haystack_units(fmt.tokenizer, "essay")
     ids = [t for u in haystack.take_units(units, rng.randrange(len(units)), n) for t in u][:n]
     eval_len = int(task.params["eval_len"])
-    if not 0 < eval_len < length:
-        raise ValueError(f"ppl: eval_len={eval_len} must be in (0, {length})")
+    check_int("ppl", "eval_len", eval_len, 1, length - 1)
     return Sample(task.name, 0, fmt.lead + ids, [], task.metric, 0, info={"eval_len": eval_len, "eval_chunk": int(task.params["eval_chunk"])})
 
 

@@ -41,7 +41,8 @@ from typing import ClassVar
 
 import torch
 
-from ..vision.base import VisualPruning, check_keep
+from ..validation import check_count_or_fraction
+from ..vision.base import VisualPruning
 from ..vision.runtime import StageInput, keep_count, top_per_span
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class RandomKeep(VisualPruning):
     seed: int = 0
 
     def validate(self) -> None:
-        check_keep(self.name, "keep", self.keep)
+        check_count_or_fraction(self.name, "keep", self.keep, "tokens per image", "a ratio of them")
 
     def select(self, stage: int, inp: StageInput) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed)

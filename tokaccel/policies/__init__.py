@@ -1,4 +1,6 @@
-"""The policies, one module each (METHODS.md); `tokaccel.policies()` lists every registered name.
+"""The policies, one module each (docs/methods.md); `tokaccel.policies()` lists every registered name.
+
+The token-selection policies share one engine (`engine.SelectionPolicy`): each is its scorer.
 
 The registry that maps names to classes (text policies and the visual-token pruners of
 tokaccel.vision) is `tokaccel.registry`, one layer above this package and tokaccel.vision;
@@ -13,6 +15,7 @@ import types
 
 from .base import LayerContext, LayerInfo, Policy
 from .dense import Dense
+from .engine import SelectionPolicy
 from .fasa import FASA
 from .h2o import H2O
 from .hisa import HISA
@@ -40,5 +43,5 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["Policy", "LayerInfo", "LayerContext", "Dense", "TokenSelect", "HISA", "Quest", "FASA", "H2O", "SnapKV",
+__all__ = ["Policy", "LayerInfo", "LayerContext", "SelectionPolicy", "Dense", "TokenSelect", "HISA", "Quest", "FASA", "H2O", "SnapKV",
            "StreamingLLM", "TEXT_POLICIES", *_FROM_REGISTRY]

@@ -59,10 +59,19 @@ class Policy:
     description: ClassVar[str] = ""
     # Set True when `attend` needs the cache object and (cos, sin) of the current call.
     captures_layer_inputs: ClassVar[bool] = False
-    # Set True when `attend` handles a speculative draft tree passed as the `tokaccel_tree` kwarg
-    # exactly as sequential decoding would, and `commit_tree(contexts, cache, path)` exists
-    # (tokaccel.recycling). Other non-dense policies are refused by tree verification.
+    # Set True when `attend` hands a speculative draft tree passed as the `tokaccel_tree` kwarg
+    # to it (`tokaccel.recycling.verify.TreeVerification.attend`), which verifies it exactly as
+    # sequential decoding would. Other non-dense policies are refused by tree verification.
     verifies_trees: ClassVar[bool] = False
+    # Set True when `attend` is the model's own masked attention over every key (Dense): a draft
+    # tree's 4-D mask then verifies it with no help from the policy. Not inherited: a subclass may
+    # change `attend`, so it declares this again (see __init_subclass__).
+    attends_through_mask: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "attends_through_mask" not in cls.__dict__:
+            cls.attends_through_mask = False
 
     def __post_init__(self) -> None:
         self.validate()

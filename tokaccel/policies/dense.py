@@ -9,6 +9,7 @@ from typing import ClassVar
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from ..validation import check_choice
 from .base import LayerContext, LayerInfo, Policy
 
 BACKENDS = ("auto", "sdpa", "flash")
@@ -57,12 +58,12 @@ class Dense(Policy):
 
     name: ClassVar[str] = "dense"
     description: ClassVar[str] = "full attention (SDPA; flash-attn on CUDA when installed): the exactness baseline"
+    attends_through_mask: ClassVar[bool] = True
 
     backend: str = "auto"
 
     def validate(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"dense: backend={self.backend!r} is not valid; choose one of {BACKENDS}")
+        check_choice(self.name, "backend", self.backend, BACKENDS)
 
     def applies_to(self, layer: LayerInfo) -> bool:
         return True

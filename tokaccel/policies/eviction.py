@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache import EvictionLayer, call_cache, install_eviction_layer
+from ..validation import check_count_or_fraction
 from .base import TREE_KWARG, LayerContext, Policy
 from .dense import dense_attention, dense_with_stats
 
@@ -32,23 +33,9 @@ INF = float("inf")
 PROTECTED = 2.0 ** 52  # priority of a slot that must be kept (+ its position: the newest win ties); fp64
 
 
-def check_budget(policy: str, budget) -> None:
-    """`budget`: tokens kept per layer (int >= 1) or a fraction of the prompt (float in (0, 1))."""
-    ok = (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1) or \
-         (isinstance(budget, float) and 0 < budget < 1)
-    if not ok:
-        raise ValueError(f"{policy}: budget={budget!r} is not valid; expected tokens kept per layer (an int >= 1) "
-                         "or a fraction of the prompt (a float in (0, 1))")
-
-
-def check_int(policy: str, name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{policy}: {name}={value!r} is not valid; expected an integer >= {low}")
-
-
 def share(part, budget: int) -> int:
     """Tokens of `budget` given to a part set as tokens (int) or as a fraction of the budget (float)."""
-    return min(budget, part if isinstance(part, int) else round(part * budget))
+    return min(budget, round(part * budget) if isinstance(part, float) else int(part))
 
 
 def new_token_valid(mask: torch.Tensor | None, q: int, n: int) -> torch.Tensor | None:
@@ -95,7 +82,9 @@ class Eviction(Policy):
     budget: int | float = 2048
 
     def validate(self) -> None:
-        check_budget(self.name, self.budget)
+        """Subclasses with options of their own call this first."""
+        check_count_or_fraction(self.name, "budget", self.budget, "tokens kept per layer", "a fraction of the prompt",
+                                high_open=True)
 
     def on_patch(self, model: torch.nn.Module, contexts: list[LayerContext]) -> list:
         """A pre-hook per active layer that installs an EvictionLayer into the cache it is called with."""

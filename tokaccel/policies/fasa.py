@@ -1,15 +1,16 @@
-"""FASA (arXiv 2602.03152): frequency-aware sparse attention (METHODS.md §1.3).
+"""FASA (arXiv 2602.03152): frequency-aware sparse attention (docs/methods.md §1.3).
 
 RoPE splits q.k into D/2 independent 2-D frequency chunks (FCs). An offline calibration
 (`tokaccel calibrate --model NAME --policy fasa`, `tokaccel.calibrate`) finds, per layer and
 KV head, the few FCs whose partial score best agrees with the full score on which tokens are
-top-K. FASA scores candidates with those dims only, q[dims] . K[dims], then selects exactly as
-TokenSelect does (soft vote over heads, top-k, sinks, local window, selection cache, chunked
-prefill, sparse full-dim attention, position modes): this class only replaces the scorer
-(`choose`). Layer 0 stays dense (`dense_layers`), as in the paper.
+top-K. FASA scores candidates with those dims only, q[dims] . K[dims], soft-votes over heads and
+takes the top k; everything else is the selection engine's (`tokaccel.policies.engine`: sinks,
+local window, selection cache, chunked prefill, sparse full-dim attention, position modes): this
+class is the scorer (`choose`), the key layout it wants (`key_layout`) and the calibration it
+loads. Layer 0 stays dense (`dense_layers`), as in the paper.
 
 Store/read: the cache stores each KV head's key dims permuted, its d = 2 * n_fc dominant dims
-first (`SelectionLayer.key_order`, set before the first token), so the scorer reads d / D of the
+first (`key_layout` -> `SelectionLayer.key_order`, set before the first token), so the scorer reads d / D of the
 key bytes (25% at the default n_fc = D/8), with no second copy of any key. On a GPU the keys stay
 rows and the scorer reads the slice K[..., :d] (whole 32-byte sectors). On CPU, when d divides D,
 they are stored as D/d column tiles (`SelectionLayer.key_tile`): the dominant dims of all tokens
@@ -20,7 +21,7 @@ natural layout, only while it fits the budget).
 
 Differences from the paper, and why: the selector is TokenSelect's soft vote with one index set
 per layer (the paper ranks by the raw partial score per head); the FC pairing is HF's
-(i, i + D/2) by default, the release's (2i, 2i+1) with pairing="interleaved" (METHODS.md §1.3).
+(i, i + D/2) by default, the release's (2i, 2i+1) with pairing="interleaved" (docs/methods.md §1.3).
 In compact mode keys are pre-RoPE and the query is rotated at distance n_local; each FC's
 partial score stays that FC's term of q.k because a rotation only mixes the two dims of a chunk.
 """
@@ -34,16 +35,23 @@ from typing import Any, ClassVar
 
 import torch
 
-from .fasa_calibration import PAIRINGS, calibrate_command, calibration_path, fc_dims, load_calibration, model_key_of
+from ..rope import RopeTable
 from ..selection import NEG_INF, score_rows, top_k
+from ..validation import check_choice, check_int, check_optional_int
 from .base import LayerInfo
-from .tokenselect import TokenSelect, _Runtime
+from .engine import KeyLayout, LayerRuntime, SelectionPolicy
+from .fasa_calibration import PAIRINGS, calibrate_command, calibration_path, fc_dims, load_calibration, model_key_of
 
 
 @dataclass
-class _FasaRuntime(_Runtime):
+class FasaRuntime(LayerRuntime):
+    """A FASA layer's state: its dominant dims and the key order they give the cache."""
+
     dims: torch.Tensor | None = None  # [Hk, d] long: each KV head's dominant dims
     order: torch.Tensor | None = None  # [Hk, D] long: the cache's dim order, dims first then the rest
+
+    def set_dims(self, dims: torch.Tensor, head_dim: int) -> None:
+        self.dims, self.order = dims, dominant_first(dims.cpu(), head_dim).to(dims.device)
 
 
 def calibration_identity(cal: dict, source: str) -> dict:
@@ -76,9 +84,9 @@ def dominant_first(dims: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 @dataclass
-class FASA(TokenSelect):
-    """TokenSelect with a scorer that reads only each head's dominant frequency chunks.
-    Defaults: the paper's for the chunks and layers; TokenSelect's for everything else.
+class FASA(SelectionPolicy):
+    """A soft-vote scorer that reads only each head's dominant frequency chunks.
+    Defaults: the paper's for the chunks and layers; the engine's (TokenSelect's) for everything else.
 
     calibration: a calibration dict (`tokaccel.calibrate.calibrate_fasa`), a JSON path, or None
         for the model's default file ($TOKACCEL_CACHE/fasa/<model>.<pairing>.json).
@@ -87,7 +95,7 @@ class FASA(TokenSelect):
     pairing: "hf" (FC i = dims (i, i + D/2), HF's rotate_half) or "interleaved" ((2i, 2i+1),
         the release's); must match the calibration's.
     dense_layers: the first layers, which stay dense (1: layer 0, as in the paper).
-    Other options: see TokenSelect.
+    Other options: see SelectionPolicy.
     """
 
     name: ClassVar[str] = "fasa"
@@ -100,12 +108,9 @@ class FASA(TokenSelect):
 
     def validate(self) -> None:
         super().validate()
-        if self.pairing not in PAIRINGS:
-            raise ValueError(f"fasa: pairing={self.pairing!r} is not valid; choose one of {PAIRINGS}")
-        if self.n_fc is not None and (isinstance(self.n_fc, bool) or not isinstance(self.n_fc, int) or self.n_fc < 1):
-            raise ValueError(f"fasa: n_fc={self.n_fc!r} is not valid; expected None or an integer >= 1")
-        if isinstance(self.dense_layers, bool) or not isinstance(self.dense_layers, int) or self.dense_layers < 0:
-            raise ValueError(f"fasa: dense_layers={self.dense_layers!r} is not valid; expected an integer >= 0")
+        check_choice(self.name, "pairing", self.pairing, PAIRINGS)
+        check_optional_int(self.name, "n_fc", self.n_fc, 1)
+        check_int(self.name, "dense_layers", self.dense_layers, 0)
         if self.calibration is not None and not isinstance(self.calibration, (dict, str)) \
                 and not hasattr(self.calibration, "__fspath__"):
             raise ValueError(f"fasa: calibration={type(self.calibration).__name__} is not valid; expected None, "
@@ -122,8 +127,19 @@ class FASA(TokenSelect):
     def applies_to(self, layer: LayerInfo) -> bool:
         return layer.layer_idx >= self.dense_layers and super().applies_to(layer)
 
-    def new_layer_state(self, layer: LayerInfo) -> _FasaRuntime:
-        return _FasaRuntime()
+    def new_layer_state(self, layer: LayerInfo) -> FasaRuntime:
+        return FasaRuntime()
+
+    def standalone_state(self, layer: LayerInfo, rope: RopeTable | None) -> FasaRuntime:
+        """n_fc (default D/8) random frequency chunks per KV head, a different set per head (seed 0),
+        in place of a calibration: which chunks does not change the cost."""
+        D, Hk = layer.head_dim, layer.num_kv_heads
+        n_fc = self.n_fc or max(1, round(0.25 * D / 2))
+        g = torch.Generator().manual_seed(0)
+        fcs = [sorted(torch.randperm(D // 2, generator=g)[:n_fc].tolist()) for _ in range(Hk)]
+        state = FasaRuntime(rope=rope)
+        state.set_dims(torch.tensor([fc_dims(f, D, self.pairing) for f in fcs], dtype=torch.long), D)
+        return state
 
     def on_patch(self, model: torch.nn.Module, contexts) -> list:
         """Load the calibration, check it fits the model, give each active layer its dims."""
@@ -156,23 +172,22 @@ class FASA(TokenSelect):
                 ranked = [resized(fcs, row, n_fc, cal.get("selection", "single"))
                           for fcs, row in zip(ranked, overlap[info.layer_idx])]
             dims = torch.tensor([fc_dims(fcs, info.head_dim, self.pairing) for fcs in ranked], dtype=torch.long)
-            ctx.state.dims, ctx.state.order = dims, dominant_first(dims, info.head_dim)
+            ctx.state.set_dims(dims, info.head_dim)
         return super().on_patch(model, contexts)
 
     def provenance(self) -> dict:
         return getattr(self, "_provenance", {})
 
-    def key_order(self, ctx) -> torch.Tensor:
-        return ctx.state.order
-
-    def key_tile(self, ctx, device) -> int | None:
-        """d on CPU when it divides D (the dominant dims in a contiguous tile), else None (rows)."""
-        d, D = ctx.state.dims.shape[1], ctx.state.order.shape[1]
-        return d if device is not None and device.type == "cpu" and d < D and D % d == 0 else None
+    def key_layout(self, state: FasaRuntime, device: torch.device | None) -> KeyLayout:
+        """Each head's dominant dims first; on CPU, when d divides D, in column tiles of d (the
+        dominant dims of all tokens one contiguous block), else rows."""
+        d, D = state.dims.shape[1], state.order.shape[1]
+        cpu_tiles = device is not None and device.type == "cpu" and d < D and D % d == 0
+        return KeyLayout(state.order, d if cpu_tiles else None)
 
     def choose(self, call, q, start, end, valid, query_valid=None):
         """Soft vote of the partial scores q[dims] . K[dims] of candidates [start, end); see
-        TokenSelect.choose."""
+        SelectionPolicy.choose."""
         from ..kernels.ops import fc_scores
         from ..kernels.soft_vote import softmax_head_sum
 

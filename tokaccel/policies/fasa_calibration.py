@@ -14,19 +14,16 @@ from pathlib import Path
 
 import torch
 
+from ..validation import check_choice
+
 PAIRINGS = ("hf", "interleaved")
 SELECTIONS = ("single", "combined")
 FORMAT = "tokaccel-fasa-calibration/1"
 
 
-def check_pairing(pairing: str) -> None:
-    if pairing not in PAIRINGS:
-        raise ValueError(f"fasa: pairing={pairing!r} is not valid; choose one of {PAIRINGS}")
-
-
 def fc_pairs(x: torch.Tensor, pairing: str) -> torch.Tensor:
     """x [..., D] -> [..., D/2, 2]: the two dims of each frequency chunk."""
-    check_pairing(pairing)
+    check_choice("fasa", "pairing", pairing, PAIRINGS)
     D = x.shape[-1]
     if pairing == "hf":
         return torch.stack((x[..., :D // 2], x[..., D // 2:]), dim=-1)
@@ -35,7 +32,7 @@ def fc_pairs(x: torch.Tensor, pairing: str) -> torch.Tensor:
 
 def fc_dims(fcs, head_dim: int, pairing: str) -> list[int]:
     """The head dims of the frequency chunks `fcs`, ascending: (i, i + D/2) or (2i, 2i+1)."""
-    check_pairing(pairing)
+    check_choice("fasa", "pairing", pairing, PAIRINGS)
     half = head_dim // 2
     dims = [d for i in fcs for d in ((i, i + half) if pairing == "hf" else (2 * i, 2 * i + 1))]
     return sorted(dims)

@@ -7,7 +7,8 @@ from typing import ClassVar
 
 import torch
 
-from .eviction import Eviction, check_budget, share
+from ..validation import check_count_or_fraction, check_number
+from .eviction import Eviction, share
 
 
 @dataclass
@@ -30,14 +31,10 @@ class H2O(Eviction):
     alpha: float = 1.0
 
     def validate(self) -> None:
-        check_budget(self.name, self.budget)
-        ok = (isinstance(self.recent, int) and not isinstance(self.recent, bool) and self.recent >= 0) or \
-             (isinstance(self.recent, float) and 0 <= self.recent <= 1)
-        if not ok:
-            raise ValueError(f"h2o: recent={self.recent!r} is not valid; expected tokens (an int >= 0) or a "
-                             "fraction of the budget (a float in [0, 1])")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha <= 1:
-            raise ValueError(f"h2o: alpha={self.alpha!r} is not valid; expected a number in (0, 1]")
+        super().validate()
+        check_count_or_fraction(self.name, "recent", self.recent, "tokens", "a fraction of the budget", low=0,
+                                low_open=False)
+        check_number(self.name, "alpha", self.alpha, 0, 1, low_open=True)
 
     def observe(self, layer, query, key, scale, key_valid, new_valid, probs) -> None:
         q = query.shape[2]

@@ -1,4 +1,4 @@
-"""HISA (arXiv 2603.28458): hierarchical block-then-token selection (METHODS.md §1.2).
+"""HISA (arXiv 2603.28458): hierarchical block-then-token selection (docs/methods.md §1.2).
 
 TokenSelect's miss step scores every candidate key. HISA scores blocks of `block` tokens first,
 from per-block summaries kept beside the cache (`tokaccel.blocks.BlockIndex`, updated as tokens
@@ -6,8 +6,9 @@ are appended), keeps the `m` best blocks (the blocks next to the sinks and the l
 always kept), then runs TokenSelect's soft vote only over the tokens of those blocks and takes the
 top `k`. A miss reads N / block summaries + m * block keys instead of N keys.
 
-Everything else is TokenSelect's (sinks, local window, selection cache, chunked prefill, sparse
-reads, position modes, dense fallback): this class only replaces the scorer (`choose`).
+Everything else is the selection engine's (`tokaccel.policies.engine`: sinks, local window,
+selection cache, chunked prefill, sparse reads, position modes, dense fallback): this class is
+only the scorer (`choose`) and its options.
 
 Stage-1 block scores (`block_score`):
   "mean":  soft vote of the block mean keys, sum_h softmax_b(scale * q_h . mean_b): the block's
@@ -27,20 +28,22 @@ import torch
 
 from ..blocks import CandidateBlocks, count_block_reads, layer_block_index
 from ..selection import NEG_INF, score_rows, top_k
-from .tokenselect import TokenSelect
+from ..validation import check_choice, check_int, invalid
+from .base import LayerContext, LayerInfo
+from .engine import SelectionCall, SelectionPolicy
 
 BLOCK_SCORES = ("mean", "bound")
 
 
 @dataclass
-class HISA(TokenSelect):
-    """TokenSelect with a two-stage (block, then token) scorer. Defaults: METHODS.md §1.2 for the
-    blocks; TokenSelect's for everything else.
+class HISA(SelectionPolicy):
+    """A two-stage (block, then token) scorer. Defaults: docs/methods.md §1.2 for the blocks;
+    the engine's (TokenSelect's) for everything else.
 
     block: tokens per block (Bk, 128).
     m: blocks kept by stage 1 (64); m * block must be >= k.
     block_score: "mean" (mean key, HISA) or "bound" (max/min keys, Quest's upper bound).
-    Other options: see TokenSelect (`pool` is not supported: kept blocks are not contiguous).
+    Other options: see SelectionPolicy (`pool` is not supported: kept blocks are not contiguous).
     """
 
     name: ClassVar[str] = "hisa"
@@ -53,20 +56,17 @@ class HISA(TokenSelect):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("block", "m"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"hisa: {name}={value!r} is not valid; expected an integer >= 1")
-        if self.block_score not in BLOCK_SCORES:
-            raise ValueError(f"hisa: block_score={self.block_score!r} is not valid; choose one of {BLOCK_SCORES}")
+        check_int(self.name, "block", self.block, 1)
+        check_int(self.name, "m", self.m, 1)
+        check_choice(self.name, "block_score", self.block_score, BLOCK_SCORES)
         if self.m * self.block < self.k:
             raise ValueError(f"hisa: m * block = {self.m * self.block} is smaller than k={self.k}; "
                              "stage 1 must keep at least k tokens")
         if self.pool is not None:
-            raise ValueError(f"hisa: pool={self.pool!r} is not valid; expected None (kept blocks are not contiguous)")
+            raise invalid(self.name, "pool", self.pool, "expected None (kept blocks are not contiguous)")
 
     def choose(self, call, q, start, end, valid, query_valid=None):
-        """Stage 1 over the blocks of [start, end), stage 2 inside the m best; see TokenSelect.choose."""
+        """Stage 1 over the blocks of [start, end), stage 2 inside the m best; see SelectionPolicy.choose."""
         from ..kernels.ops import block_bound_scores, block_token_scores, grouped_scores
         from ..kernels.block_index import block_token_rows
         from ..kernels.soft_vote import softmax_head_sum
@@ -99,15 +99,13 @@ class HISA(TokenSelect):
         return (local_rows + cand.first * T).gather(1, picked), picked_valid
 
 
-def selection_iou(policy: TokenSelect, reference: TokenSelect, q: torch.Tensor, keys: torch.Tensor,
+def selection_iou(policy: SelectionPolicy, reference: SelectionPolicy, q: torch.Tensor, keys: torch.Tensor,
                   key_valid: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """IoU per row [B] of the candidates two selection policies choose for the same decode step
-    (METHODS.md §1.2: report HISA's IoU with the flat selection beyond m * block): scoring
+    (docs/methods.md §1.2: report HISA's IoU with the flat selection beyond m * block): scoring
     queries q [B, H, D] against cached keys [B, Hk, N, D] (as the policies store them), candidates
     between the sinks and the local window of `reference`."""
     from ..stats import Stats
-    from .base import LayerContext, LayerInfo
-    from .tokenselect import _Call
 
     B, Hk, N, D = keys.shape
     info = LayerInfo(0, q.shape[1], Hk, D, None, "full_attention")
@@ -115,8 +113,8 @@ def selection_iou(policy: TokenSelect, reference: TokenSelect, q: torch.Tensor, 
     end = max(N - reference.n_local, 0)
     sets = []
     for p in (policy, reference):
-        call = _Call(p, LayerContext(info, p, Stats()), q[:, :, None], keys, keys, key_valid, scale)
-        mid, valid = call._select(q, end)
+        call = SelectionCall(p, LayerContext(info, p, Stats()), q[:, :, None], keys, keys, key_valid, scale)
+        mid, valid = call.select(q, end)
         chosen = torch.zeros(B, N + 1, dtype=torch.bool, device=keys.device)
         sets.append(chosen.scatter_(1, torch.where(valid, mid, N), True)[:, :N])
     union = (sets[0] | sets[1]).sum(1)

@@ -1,4 +1,4 @@
-"""Quest (arXiv 2406.10774): query-aware page selection by an upper bound (METHODS.md §1.4).
+"""Quest (arXiv 2406.10774): query-aware page selection by an upper bound (docs/methods.md §1.4).
 
 The cache is cut into pages of `page` tokens; per page and KV head the elementwise max and min
 key are kept beside the cache (`tokaccel.blocks.BlockIndex`, updated as tokens are appended).
@@ -13,9 +13,9 @@ Differences from the paper, and why:
   are always kept, so `k` means what it means for TokenSelect.
 * `theta` defaults to 1.0 (a new selection at every decode step, as in the paper); the
   selection cache is available with a lower theta.
-Everything else is TokenSelect's machinery (chunked prefill, sparse reads, positions, dense
-fallback); this class only replaces the scorer (`choose`). Layers 0-1 stay dense
-(`dense_layers`), as in the paper.
+Everything else is the selection engine's (`tokaccel.policies.engine`: chunked prefill, sparse
+reads, positions, dense fallback); this class is only the scorer (`choose`), its options and
+defaults. Layers 0-1 stay dense (`dense_layers`), as in the paper.
 """
 
 from __future__ import annotations
@@ -27,23 +27,24 @@ import torch
 
 from ..blocks import CandidateBlocks, count_block_reads, layer_block_index
 from ..selection import NEG_INF, score_rows, top_k
+from ..validation import check_choice, check_int, invalid
 from .base import LayerInfo
-from .tokenselect import TokenSelect
+from .engine import SelectionPolicy
 
 HEAD_VOTES = ("max", "soft")
 
 
 @dataclass
-class Quest(TokenSelect):
+class Quest(SelectionPolicy):
     """Page-level selection by Quest's upper bound. Defaults: the paper's for pages and layers;
-    TokenSelect's for n_init, n_local, chunk, tail.
+    the engine's (TokenSelect's) for n_init, n_local, chunk, tail.
 
     page: tokens per page (16).
     dense_layers: the first layers, which stay dense (2).
     head_vote: "max" or "soft", how per-head page bounds become one page score (see above).
     theta: selection-cache threshold (1.0: select at every step, as the paper).
-    position_mode: "original" (Quest keeps positions), "compact" or "auto" (see TokenSelect).
-    Other options: see TokenSelect (`pool` is not supported: pages are read whole).
+    position_mode: "original" (Quest keeps positions), "compact" or "auto" (see SelectionPolicy).
+    Other options: see SelectionPolicy (`pool` is not supported: pages are read whole).
     """
 
     name: ClassVar[str] = "quest"
@@ -58,21 +59,18 @@ class Quest(TokenSelect):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.page, bool) or not isinstance(self.page, int) or self.page < 1:
-            raise ValueError(f"quest: page={self.page!r} is not valid; expected an integer >= 1")
-        if isinstance(self.dense_layers, bool) or not isinstance(self.dense_layers, int) or self.dense_layers < 0:
-            raise ValueError(f"quest: dense_layers={self.dense_layers!r} is not valid; expected an integer >= 0")
-        if self.head_vote not in HEAD_VOTES:
-            raise ValueError(f"quest: head_vote={self.head_vote!r} is not valid; choose one of {HEAD_VOTES}")
+        check_int(self.name, "page", self.page, 1)
+        check_int(self.name, "dense_layers", self.dense_layers, 0)
+        check_choice(self.name, "head_vote", self.head_vote, HEAD_VOTES)
         if self.pool is not None:
-            raise ValueError(f"quest: pool={self.pool!r} is not valid; expected None (pages are read whole)")
+            raise invalid(self.name, "pool", self.pool, "expected None (pages are read whole)")
 
     def applies_to(self, layer: LayerInfo) -> bool:
         return layer.layer_idx >= self.dense_layers and super().applies_to(layer)
 
     def choose(self, call, q, start, end, valid, query_valid=None):
         """Pages of [start, end) by bound, best first, while their candidates total <= k; see
-        TokenSelect.choose."""
+        SelectionPolicy.choose."""
         from ..kernels.ops import block_bound_scores
         from ..kernels.soft_vote import softmax_head_sum
 

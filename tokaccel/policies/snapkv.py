@@ -9,7 +9,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .eviction import INF, Eviction, check_budget, check_int
+from ..validation import check_int, invalid
+from .eviction import INF, Eviction
 
 
 @dataclass
@@ -32,11 +33,11 @@ class SnapKV(Eviction):
     kernel: int = 5
 
     def validate(self) -> None:
-        check_budget(self.name, self.budget)
+        super().validate()
         check_int(self.name, "window", self.window, 1)
         check_int(self.name, "kernel", self.kernel, 1)
         if self.kernel % 2 == 0:
-            raise ValueError(f"snapkv: kernel={self.kernel} is not valid; expected an odd integer")
+            raise invalid(self.name, "kernel", self.kernel, "expected an odd integer")
 
     def observe(self, layer, query, key, scale, key_valid, new_valid, probs) -> None:
         q = query.shape[2]

@@ -7,7 +7,8 @@ from typing import ClassVar
 
 import torch
 
-from .eviction import Eviction, check_budget, check_int
+from ..validation import check_int, invalid
+from .eviction import Eviction
 
 
 @dataclass
@@ -24,10 +25,11 @@ class StreamingLLM(Eviction):
     n_sink: int = 4
 
     def validate(self) -> None:
-        check_budget(self.name, self.budget)
+        super().validate()
         check_int(self.name, "n_sink", self.n_sink, 0)
-        if isinstance(self.budget, int) and self.n_sink >= self.budget:
-            raise ValueError(f"streamingllm: n_sink={self.n_sink} leaves no window in budget={self.budget}")
+        if not isinstance(self.budget, float) and self.n_sink >= self.budget:
+            raise invalid(self.name, "n_sink", self.n_sink,
+                          f"it leaves no window in budget={self.budget} (expected n_sink < budget)")
 
     def priority(self, layer) -> torch.Tensor:
         return self.protect(layer.pos, self.sink_mask(layer, self.n_sink), layer)  # else: the newest first

@@ -13,11 +13,13 @@ from ..cpu_linear import available as packing_available
 from ..cpu_linear import packed_count
 from ..patch import patch_state
 from ..policies.base import TREE_KWARG
+from ..validation import check_int, invalid, is_int
 from .adjacency import Adjacency, draft_tree, seed_from_sequence, update_adjacency, update_priority
 from .calibration import calibrate
 from .masks import TreeAttention, tree_masks
 from .state import RecyclingState, TreeChooser, recycling_state, set_recycling_state
 from .trees import AUTO_SIZES, PAPER_TREE, TreeTemplate, nested_trees
+from .verify import TreeVerification, commit_tree
 
 def _check(model, input_ids, generation_config, cache):
     if generation_config is not None:
@@ -36,7 +38,7 @@ def _check(model, input_ids, generation_config, cache):
     from ..patch import get_policy
 
     policy = get_policy(model)
-    if policy is not None and policy.name != "dense" and not policy.verifies_trees:
+    if policy is not None and not (policy.attends_through_mask or policy.verifies_trees):
         # A selection policy's decode step depends on the path before it (its selection cache) and
         # reads a per-query index set; a policy must verify trees itself to reproduce that.
         raise NotImplementedError(f"token recycling on a model patched with {policy.name!r} is not supported "
@@ -149,25 +151,25 @@ def generate(
     # tree choice
     trees = nested_trees()
     fixed = None
+    tree_kinds = f"expected 'auto', 'paper', a size (an integer in [0, {len(PAPER_TREE)}]) or a list of paths"
     if isinstance(tree, str):
+        if tree not in ("auto", "paper"):
+            raise invalid("token recycling", "tree", tree, tree_kinds)
         if tree == "paper":
             fixed = TreeTemplate(PAPER_TREE)
-        elif tree != "auto":
-            raise ValueError(f"tree={tree!r}: expected 'auto', 'paper', an int or a list of paths")
-    elif isinstance(tree, bool) or not isinstance(tree, (int, list, tuple, TreeTemplate)):
-        raise ValueError(f"tree={tree!r}: expected 'auto', 'paper', an int or a list of paths")
-    elif isinstance(tree, int):
-        if tree < 0 or tree > len(PAPER_TREE):
-            raise ValueError(f"tree={tree}: expected a size in [0, {len(PAPER_TREE)}]")
-        fixed = nested_trees(sizes=(tree,)).get(tree) if tree else 0
-    else:
+    elif is_int(tree):
+        check_int("token recycling", "tree", tree, 0, len(PAPER_TREE))
+        fixed = nested_trees(sizes=(int(tree),)).get(int(tree)) if tree else 0
+    elif isinstance(tree, (list, tuple, TreeTemplate)):
         fixed = tree if isinstance(tree, TreeTemplate) else TreeTemplate(tree)
+    else:
+        raise invalid("token recycling", "tree", tree, tree_kinds)
 
     # a policy that verifies trees itself (TokenSelect) gets the tree with the verify forward
     patch = patch_state(model)
 
     def tree_kwargs(t: TreeTemplate) -> dict:
-        return {TREE_KWARG: t} if patch is not None and patch.policy.verifies_trees else {}
+        return {TREE_KWARG: TreeVerification(t)} if patch is not None and patch.policy.verifies_trees else {}
 
     # prefill
     attention_mask = model_kwargs.get("attention_mask")
@@ -266,7 +268,7 @@ def generate(
                             if 0 < m <= size}
         _compact(cache, n, path)
         if t is not None and patch is not None and patch.policy.verifies_trees:
-            patch.policy.commit_tree(patch.contexts, cache, path.tolist())
+            commit_tree(patch.contexts, cache, path.tolist())
         out_tokens = torch.cat((tokens[path[1:]], y[path[-1:]]))
         stats.steps += 1
         stats.sizes[size] = stats.sizes.get(size, 0) + 1

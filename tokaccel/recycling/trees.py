@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..validation import invalid
 
 SLOTS = 8  # candidates kept per token (columns of A)
 
@@ -47,16 +48,18 @@ class TreeTemplate:
 
     def __init__(self, paths):
         paths = [tuple(int(s) for s in p) for p in paths]
-        if len(set(paths)) != len(paths):
-            raise ValueError("tree template: duplicate paths")
-        known = set(paths)
+        known = set()
+        for p in paths:
+            if p in known:
+                raise invalid("tree template", "path", p, "it is listed twice (duplicate paths)")
+            known.add(p)
         for p in paths:
             if not p:
-                raise ValueError("tree template: empty path (the root is implicit)")
+                raise invalid("tree template", "path", p, "expected a non-empty path (the root is implicit)")
             if any(not 0 <= s < SLOTS for s in p):
-                raise ValueError(f"tree template: path {p} uses a slot outside [0, {SLOTS})")
+                raise invalid("tree template", "path", p, f"expected every slot in [0, {SLOTS})")
             if len(p) > 1 and p[:-1] not in known:
-                raise ValueError(f"tree template: path {p} has no parent {p[:-1]} in the template")
+                raise invalid("tree template", "path", p, f"its parent {p[:-1]} is not in the template")
         given = {p: i for i, p in enumerate(paths)}
         self.paths = sorted(paths, key=lambda p: (len(p), given[p]))
         index = {p: i + 1 for i, p in enumerate(self.paths)}

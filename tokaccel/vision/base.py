@@ -7,7 +7,6 @@ layer K, scored with layer K - 1's attention) and which image rows it keeps (`se
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -18,23 +17,6 @@ from ..policies.base import LayerContext, LayerInfo, Policy
 from ..policies.dense import dense_with_stats
 from .families import VisionFamily, detect
 from .runtime import Pruner, StageInput, keep_count, top_per_span
-
-
-def check_keep(policy: str, name: str, value, allow_zero: bool = False) -> None:
-    """`keep`-like fields: an int >= 1 (tokens per image) or a float ratio in (0, 1] ([0, 1] with allow_zero)."""
-    lo = "[0, 1]" if allow_zero else "(0, 1]"
-    ok = not isinstance(value, bool) and (
-        (isinstance(value, numbers.Integral) and (value >= 1 or (allow_zero and value == 0)))
-        or (isinstance(value, float) and (0.0 <= value <= 1.0 if allow_zero else 0.0 < value <= 1.0))
-    )
-    if not ok:
-        raise ValueError(f"{policy}: {name}={value!r} is not valid; use an int >= 1 (tokens per image) "
-                         f"or a float ratio in {lo}")
-
-
-def check_layer(policy: str, name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{policy}: {name}={value!r} is not valid; use an int >= {minimum} (a decoder layer index)")
 
 
 def span_features(inp: StageInput) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:

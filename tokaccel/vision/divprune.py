@@ -8,7 +8,8 @@ from typing import ClassVar
 
 import torch
 
-from .base import VisualPruning, check_keep, picks_to_mask, span_features
+from ..validation import check_count_or_fraction
+from .base import VisualPruning, picks_to_mask, span_features
 from .runtime import StageInput, keep_count
 
 
@@ -39,7 +40,7 @@ class DivPrune(VisualPruning):
     keep: int | float = 0.1
 
     def validate(self) -> None:
-        check_keep(self.name, "keep", self.keep)
+        check_count_or_fraction(self.name, "keep", self.keep, "tokens per image", "a ratio of them")
 
     def select(self, stage: int, inp: StageInput) -> torch.Tensor:
         return divprune_keep(inp, self.keep)

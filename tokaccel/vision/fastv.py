@@ -8,7 +8,8 @@ from typing import ClassVar
 
 import torch
 
-from .base import VisualPruning, check_keep, check_layer, select_top
+from ..validation import check_count_or_fraction, check_int
+from .base import VisualPruning, select_top
 from .runtime import StageInput
 
 
@@ -34,8 +35,8 @@ class FastV(VisualPruning):
     layer: int = 2
 
     def validate(self) -> None:
-        check_keep(self.name, "keep", self.keep)
-        check_layer(self.name, "layer", self.layer)
+        check_count_or_fraction(self.name, "keep", self.keep, "tokens per image", "a ratio of them")
+        check_int(self.name, "layer", self.layer, 1)
 
     def stage_layers(self, num_layers: int) -> list[int]:
         return [self.layer]

@@ -9,7 +9,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .base import VisualPruning, check_keep, picks_to_mask, span_features
+from ..validation import check_choice, check_count_or_fraction, check_number
+from .base import VisualPruning, picks_to_mask, span_features
 from .runtime import StageInput, keep_count
 
 IMPORTANCE = ("text", "norm")
@@ -54,11 +55,9 @@ class MMR(VisualPruning):
     importance: str = "text"
 
     def validate(self) -> None:
-        check_keep(self.name, "keep", self.keep)
-        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"{self.name}: lam={self.lam!r} is not valid; use a number in [0, 1]")
-        if self.importance not in IMPORTANCE:
-            raise ValueError(f"{self.name}: importance={self.importance!r} is not valid; choose one of {IMPORTANCE}")
+        check_count_or_fraction(self.name, "keep", self.keep, "tokens per image", "a ratio of them")
+        check_number(self.name, "lam", self.lam, 0, 1)
+        check_choice(self.name, "importance", self.importance, IMPORTANCE)
 
     def select(self, stage: int, inp: StageInput) -> torch.Tensor:
         from ..kernels.diversity import greedy_select

@@ -9,7 +9,8 @@ from typing import ClassVar
 
 import torch
 
-from .base import VisualPruning, check_keep, check_layer, select_top
+from ..validation import check_count_or_fraction, check_optional_int
+from .base import VisualPruning, select_top
 from .divprune import divprune_keep
 from .runtime import StageInput
 
@@ -34,10 +35,10 @@ class ToDRE(VisualPruning):
     late_keep: int | float = 0.5
 
     def validate(self) -> None:
-        check_keep(self.name, "keep", self.keep)
-        check_keep(self.name, "late_keep", self.late_keep, allow_zero=True)
-        if self.layer is not None:
-            check_layer(self.name, "layer", self.layer)
+        check_count_or_fraction(self.name, "keep", self.keep, "tokens per image", "a ratio of them")
+        check_count_or_fraction(self.name, "late_keep", self.late_keep, "stage-1 tokens", "a ratio of them", low=0,
+                                low_open=False)
+        check_optional_int(self.name, "layer", self.layer, 1)
 
     def stage_layers(self, num_layers: int) -> list[int]:
         return [0, self.layer if self.layer is not None else max(1, (2 * num_layers) // 3)]

@@ -10,7 +10,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .base import VisualPruning, check_keep, picks_to_mask, span_features
+from ..validation import check_count_or_fraction, check_number
+from .base import VisualPruning, picks_to_mask, span_features
 from .families import VisionFamily
 from .runtime import Pruner, StageInput, keep_count
 from .vtc_cls import capture_cls
@@ -70,10 +71,8 @@ class VisionZip(VisualPruning):
     dominant_share: float = 54 / 64
 
     def validate(self) -> None:
-        check_keep(self.name, "keep", self.keep)
-        if isinstance(self.dominant_share, bool) or not isinstance(self.dominant_share, (int, float)) \
-                or not 0.0 < self.dominant_share <= 1.0:
-            raise ValueError(f"{self.name}: dominant_share={self.dominant_share!r} is not valid; use a float in (0, 1]")
+        check_count_or_fraction(self.name, "keep", self.keep, "tokens per image", "a ratio of them")
+        check_number(self.name, "dominant_share", self.dominant_share, 0, 1, low_open=True)
 
     def vision_hooks(self, pruner: Pruner, family: VisionFamily) -> list:
         layer = family.cls.feature_layer

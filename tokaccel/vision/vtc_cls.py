@@ -8,7 +8,8 @@ from typing import ClassVar
 
 import torch
 
-from .base import VisualPruning, check_keep, check_layer, scores_to_rows, select_top
+from ..validation import check_count_or_fraction, check_int
+from .base import VisualPruning, scores_to_rows, select_top
 from .families import VisionFamily, cls_attention
 from .runtime import Pruner, StageInput
 
@@ -65,8 +66,8 @@ class VTCCLS(VisualPruning):
     layers: int = 3
 
     def validate(self) -> None:
-        check_keep(self.name, "keep", self.keep)
-        check_layer(self.name, "layers", self.layers)
+        check_count_or_fraction(self.name, "keep", self.keep, "tokens per image", "a ratio of them")
+        check_int(self.name, "layers", self.layers, 1)
 
     def _layers(self, family: VisionFamily) -> list[int]:
         last = family.cls.feature_layer

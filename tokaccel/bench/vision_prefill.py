@@ -13,10 +13,9 @@ per layer with that layer's sequence length, so FastV's full layers before K are
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
+
+from .timing import time_fn
 
 IMAGE_TOKEN_ID = 100
 
@@ -66,13 +65,8 @@ def run(keeps, methods, repeats: int = 3, **shape) -> list[dict]:
     n_img = int((inputs["input_ids"] == IMAGE_TOKEN_ID).sum())
 
     def timed() -> float:
-        times = []
         with torch.no_grad():
-            for _ in range(repeats + 1):
-                t0 = time.perf_counter()
-                model(**inputs, logits_to_keep=1)
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times[1:])  # the first run warms up
+            return time_fn(lambda: model(**inputs, logits_to_keep=1), warmup=1, repeats=repeats, flush=False).median_s
 
     base = timed()
     dense_flops = decoder_flops(text_cfg, [L] * n_layers)
