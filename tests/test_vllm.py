@@ -2,9 +2,11 @@
 
 SmolLM2-135M-Instruct exported to a local folder (TOKACCEL_VLLM_MODEL, default
 $TOKACCEL_CACHE/vllm/smollm2-135m-instruct, written by scripts/setup_vllm.sh), greedy, 8 prompts of 17-504
-tokens in one batch. With a budget covering every context and the sparse path forced
-(dense_fallback=false: every decode step of every request goes through tokaccel's paged reads)
-the tokens equal vLLM's own backend's; a small budget changes them (so the path did run)."""
+tokens in one batch, cache blocks of 32. With a budget covering every context and the sparse path
+forced (dense_fallback=false: every decode step of every request goes through tokaccel), the
+tokens equal vLLM's own backend's, for TokenSelect (token rows read from the paged cache) and
+Quest on whole blocks (vLLM's kernel over the chosen blocks); a small budget changes them (so the
+path did run)."""
 
 import json
 import os
@@ -33,7 +35,7 @@ def _generate(tmp_path: Path, policy: str | None, tokens: int = 12) -> list[list
     prompts, out = tmp_path / "prompts.json", tmp_path / f"out-{abs(hash(policy))}.json"
     prompts.write_text(json.dumps(_prompts()))
     args = [sys.executable, "-m", "tokaccel.vllm.run", "--model", str(MODEL), "--prompts", str(prompts),
-            "--max-tokens", str(tokens), "--max-model-len", "1024", "--out", str(out)]
+            "--max-tokens", str(tokens), "--max-model-len", "1024", "--block-size", "32", "--out", str(out)]
     if policy:
         args += ["--policy", policy]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -69,7 +71,7 @@ def test_greedy_tokens_equal_vllms_own_with_a_covering_budget(tmp_path):
     own = _generate(tmp_path, None)
     covering = _generate(tmp_path, "tokenselect:k=1024,n_init=4,n_local=16,dense_fallback=false")
     assert covering == own
-    quest = _generate(tmp_path, "quest:k=1024,page=16,n_init=4,n_local=16,dense_fallback=false")
+    quest = _generate(tmp_path, "quest:k=1024,page=32,n_init=4,n_local=16,dense_fallback=false")  # whole blocks
     assert quest == own
     small = _generate(tmp_path, "tokenselect:k=8,n_init=4,n_local=8,dense_fallback=false")
     assert small != own  # 20 tokens read per step: the tokaccel path did run

@@ -124,3 +124,26 @@ def test_only_tokenselect_and_quest_in_original_positions():
     with pytest.raises(ValueError, match="original"):
         make_vllm_policy("tokenselect:position_mode=compact")
     assert make_vllm_policy("tokenselect:k=64").position_mode == "original"
+
+
+def test_quest_on_whole_blocks_reads_a_superset_of_the_engines_pages():
+    """Quest with page = block size: block_row lists whole blocks holding every token the engine's
+    Quest reads (sinks, chosen pages, window), ends with the last block, and covers all at a
+    covering budget."""
+    n = 300
+    keys, values, q = sequence(n, 6)
+    blocks = torch.randperm(NUM_BLOCKS)[:10]
+    key_cache, value_cache = split_kv_cache(paged(keys, values, blocks))
+    spec = f"quest:k=64,page={BS},n_init=4,n_local=40,dense_layers=0"
+    sel = selector(spec)
+    assert sel.reads_blocks(BS)
+    row, tokens = sel.block_row(q, key_cache, blocks, n)
+    assert row[-1] == blocks[-1] and tokens == (row.shape[0] - 1) * BS + n - 9 * BS < n
+    engine = selector(spec)
+    engine.decode(q, key_cache, value_cache, blocks, n)
+    (state,) = engine.requests[int(blocks[0])]
+    read = set(state.selection.mid[state.selection.mid_valid].tolist()) | set(range(4)) | set(range(n - 40, n))
+    logical = {int((blocks == b).nonzero()) for b in row}
+    assert {t // BS for t in read} <= logical
+    covering = selector(f"quest:k=512,page={BS},n_init=4,n_local=40,dense_layers=0,dense_fallback=false")
+    assert torch.equal(covering.block_row(q, key_cache, blocks, n)[0], blocks)

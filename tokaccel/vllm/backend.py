@@ -61,6 +61,8 @@ def _policy_for(vllm_config):
 
 
 def _build_classes() -> dict:
+    from vllm import _custom_ops as ops
+    from vllm import envs
     from vllm.config import get_current_vllm_config
     from vllm.model_executor.models.utils import extract_layer_index
     from vllm.v1.attention.backend import AttentionType
@@ -157,12 +159,42 @@ def _build_classes() -> dict:
                 output.index_copy_(0, rows, dense_out)
             key_cache, value_cache = split_kv_cache(kv_cache)
             block_table = attn_metadata.block_table
-            for req, token, n in zip(split.sparse_reqs, split.sparse_tokens, split.sparse_lens):
-                output[token] = selector.decode(query[token], key_cache, value_cache, block_table[req], n)
+            if selector.reads_blocks(kv_cache.shape[2]):
+                self._block_decode(layer, selector, query, kv_cache, key_cache, block_table, split, output)
+            else:
+                for req, token, n in zip(split.sparse_reqs, split.sparse_tokens, split.sparse_lens):
+                    output[token] = selector.decode(query[token], key_cache, value_cache, block_table[req], n)
             selector.calls += 1
             if selector.calls % PRUNE_EVERY == 0:
                 selector.prune()
             return output
+
+        def _block_decode(self, layer, selector, query, kv_cache, key_cache, block_table, split, output):
+            """Sparse requests whose selections are whole blocks: one call of vLLM's kernel over
+            each request's shorter block table (keys carry their RoPE, so block order is free)."""
+            rows, lens = [], []
+            for req, token, n in zip(split.sparse_reqs, split.sparse_tokens, split.sparse_lens):
+                row, tokens = selector.block_row(query[token], key_cache, block_table[req], n)
+                rows.append(row)
+                lens.append(tokens)
+            table = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(block_table.dtype)
+            seq_lens = torch.tensor(lens, dtype=torch.int32)
+            starts = torch.arange(len(rows) + 1, dtype=torch.int32)
+            tokens = torch.tensor(split.sparse_tokens)
+            scheduler = ops.cpu_attn_get_scheduler_metadata(
+                num_reqs=len(rows), num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                head_dim=self.head_size, seq_lens=seq_lens, dtype=query.dtype, query_start_loc=starts, causal=True,
+                sliding_window_size=-1, isa=layer.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+                kv_cache_dtype=self.kv_cache_dtype)
+            nb, Hk, bs, _ = kv_cache.shape
+            parent_key, parent_value = kv_cache.view(nb, Hk, 2 * bs, -1).chunk(2, dim=2)
+            out = output.new_empty((len(rows), *output.shape[1:]))
+            ops.cpu_attention_with_kv_cache(
+                query=query.index_select(0, tokens), key_cache=parent_key, value_cache=parent_value, output=out,
+                query_start_loc=starts, seq_lens=seq_lens, scale=self.scale, causal=True, alibi_slopes=None,
+                sliding_window=-1, block_table=table, softcap=0, scheduler_metadata=scheduler, s_aux=None,
+                k_scale=layer._k_scale_float, v_scale=layer._v_scale_float, kv_cache_dtype=self.kv_cache_dtype)
+            output.index_copy_(0, tokens, out)
 
     class TokaccelCPUBackend(CPUAttentionBackend):
         @staticmethod

@@ -164,37 +164,40 @@ class PagedSelector:
 
     def _update_pages(self, state: RequestState, key_cache: torch.Tensor, blocks: torch.Tensor, n: int) -> None:
         """Quest's page max / min (`BlockIndex`) brought to n tokens: only the pages that received
-        tokens since the last update are summarised again, from rows read out of the paged cache."""
-        from ..kernels.block_index import block_summaries
-
+        tokens since the last update are summarised again, read from the paged cache (pages equal
+        to cache blocks: whole blocks at once; other page sizes: token rows)."""
         index = state.block_index
         if index is None or index.tokens > n:
             index = state.block_index = BlockIndex(self.page, with_mean=False, with_bounds=True)
         if index.tokens == n:
             return
         first = index.tokens // self.page
-        idx = torch.arange(first * self.page, n, device=blocks.device)
-        keys = key_rows_at(key_cache, blocks, idx)
-        _, kmax, kmin, count = block_summaries(keys.contiguous(), None, self.page, 0)
+        if self.page == key_cache.shape[3]:
+            kmax, kmin, count = block_bounds(key_cache, blocks, first, n)
+        else:
+            from ..kernels.block_index import block_summaries
+
+            idx = torch.arange(first * self.page, n, device=blocks.device)
+            _, kmax, kmin, count = block_summaries(key_rows_at(key_cache, blocks, idx).contiguous(), None, self.page, 0)
         keep = slice(0, first)
         index.kmax = kmax if index.kmax is None else torch.cat((index.kmax[:, :, keep], kmax), dim=2)
         index.kmin = kmin if index.kmin is None else torch.cat((index.kmin[:, :, keep], kmin), dim=2)
         index.count = count if index.count is None else torch.cat((index.count[:, keep], count), dim=1)
         index.tokens = n
 
-    # -- decode ----------------------------------------------------------------------------------
-    def decode(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, blocks: torch.Tensor,
-               n: int) -> torch.Tensor:
+    def _selection(self, state: RequestState, q: torch.Tensor, key_cache: torch.Tensor, blocks: torch.Tensor,
+                   n: int) -> SelectionState:
+        """The sequence's selection for the query q [H, D]: the cached one while it hits, else the
+        policy's scorer on [n_init, n - n_local)."""
         p, stats = self.policy, self.ctx.stats
-        state = self.state_for(key_cache, blocks, n)
         query = q[None]  # [1, H, D]
         flat = query.reshape(1, -1).float()
-        local = max(n - p.n_local, 0)
         if self.page is not None:
             self._update_pages(state, key_cache, blocks, n)
         hit = bool(cache_hits(state.selection, flat, p.theta)[0])
         stats["selection_hits" if hit else "selection_misses"] += 1
         if not hit:
+            local = max(n - p.n_local, 0)
             if self.page is not None:  # Quest scores page summaries only: the call's keys are a shape
                 keys = key_cache.new_empty(1, key_cache.shape[1], 1, key_cache.shape[2]).expand(-1, -1, n, -1)
             else:
@@ -203,11 +206,57 @@ class PagedSelector:
             mid, mid_valid = call.select(query, local)
             start = torch.full((1,), local, dtype=torch.long, device=q.device)
             state.selection = SelectionState(flat, mid, mid_valid, start)
-        selection = state.selection
+        return state.selection
+
+    # -- decode ----------------------------------------------------------------------------------
+    def decode(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, blocks: torch.Tensor,
+               n: int) -> torch.Tensor:
+        state = self.state_for(key_cache, blocks, n)
+        selection = self._selection(state, q, key_cache, blocks, n)
         first = torch.zeros(1, dtype=torch.long, device=q.device)
-        idx, valid = assemble(first, p.n_init, selection.mid, selection.mid_valid, selection.local_start, n, None)
+        idx, valid = assemble(first, self.policy.n_init, selection.mid, selection.mid_valid, selection.local_start, n,
+                              None)
         keys, values = rows_at(key_cache, value_cache, blocks, idx[0])
-        stats.record_read(1, 1, idx.shape[1], keys.shape[1], q.shape[-1], keys.element_size())
+        self.ctx.stats.record_read(1, 1, idx.shape[1], keys.shape[1], q.shape[-1], keys.element_size())
         self._remember(state, key_cache, blocks, n)
         return attend(q, keys, values, valid[0], self.scale)
 
+    def reads_blocks(self, block_size: int) -> bool:
+        """Whether selections are whole cache blocks (Quest with page = block size): then
+        `block_row` gives a shorter block table and vLLM's own kernel attends over it."""
+        return self.page == block_size
+
+    def block_row(self, q: torch.Tensor, key_cache: torch.Tensor, blocks: torch.Tensor, n: int
+                  ) -> tuple[torch.Tensor, int]:
+        """(the blocks to read [M] in sequence order, ending with the sequence's last block; the
+        tokens they hold): the sink blocks, the pages Quest chose and the blocks of the local window
+        (the window's first block read whole). Every block but the last is full."""
+        p, bs = self.policy, key_cache.shape[3]
+        state = self.state_for(key_cache, blocks, n)
+        selection = self._selection(state, q, key_cache, blocks, n)
+        last = (n - 1) // bs
+        chosen = torch.zeros(last + 1, dtype=torch.bool, device=blocks.device)
+        chosen[: -(-p.n_init // bs)] = True
+        chosen[selection.mid[selection.mid_valid] // bs] = True
+        chosen[min(int(selection.local_start[0]), n - 1) // bs:] = True
+        logical = chosen.nonzero()[:, 0]
+        tokens = (logical.shape[0] - 1) * bs + n - last * bs
+        self.ctx.stats.record_read(1, 1, tokens, key_cache.shape[1], q.shape[-1], key_cache.element_size())
+        self._remember(state, key_cache, blocks, n)
+        return blocks[logical], tokens
+
+
+def block_bounds(key_cache: torch.Tensor, blocks: torch.Tensor, first: int, n: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Elementwise max / min keys [1, Hk, P, D] and token counts [1, P] int32 of the sequence's
+    blocks first.. (P blocks up to token n), read whole from key_cache [num_blocks, Hk, D, bs]."""
+    bs = key_cache.shape[3]
+    nb = -(-n // bs)
+    keys = key_cache.index_select(0, blocks[first:nb])  # [P, Hk, D, bs]
+    filled = n - (nb - 1) * bs
+    if filled < bs:  # the last block: only its first `filled` tokens are the sequence's
+        keys[-1, :, :, filled:] = keys[-1, :, :, :1]
+    kmax, kmin = keys.amax(-1), keys.amin(-1)  # [P, Hk, D]
+    count = torch.full((1, nb - first), bs, dtype=torch.int32, device=keys.device)
+    count[0, -1] = filled
+    return kmax.transpose(0, 1)[None], kmin.transpose(0, 1)[None], count

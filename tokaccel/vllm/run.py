@@ -18,7 +18,8 @@ import os
 import time
 
 
-def engine(model: str, policy: str | None, max_model_len: int, max_num_seqs: int):
+def engine(model: str, policy: str | None, max_model_len: int, max_num_seqs: int, block_size: int | None = None,
+           prefix_caching: bool = False):
     """A vLLM `LLM` on CPU in float32, eager; tokaccel's policy through additional_config."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     if policy is None:
@@ -27,7 +28,8 @@ def engine(model: str, policy: str | None, max_model_len: int, max_num_seqs: int
 
     extra = {"tokaccel_policy": policy} if policy else {}
     return LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=max_model_len,
-               max_num_seqs=max_num_seqs, seed=0, additional_config=extra, enable_prefix_caching=False)
+               max_num_seqs=max_num_seqs, seed=0, block_size=block_size, additional_config=extra,
+               enable_prefix_caching=prefix_caching)
 
 
 def generate(llm, prompts: list, max_tokens: int) -> tuple[list[list[int]], float]:
@@ -50,6 +52,7 @@ def main(argv=None) -> int:
     parser.add_argument("--policy", default=None)
     parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--block-size", type=int, default=None, help="KV cache block size (vLLM's CPU default: 128)")
     parser.add_argument("--repeat-with-max-tokens", type=int, default=None,
                         help="run the prompts again with this many new tokens, to subtract prefill time")
     parser.add_argument("--out", required=True, help="JSON file to write (vLLM logs to stdout)")
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     with open(args.prompts) as f:
         prompts = json.load(f)
-    llm = engine(args.model, args.policy, args.max_model_len, args.max_num_seqs)
+    llm = engine(args.model, args.policy, args.max_model_len, args.max_num_seqs, args.block_size)
     if args.warmup:
         generate(llm, prompts[:1], 2)
     outputs, seconds = generate(llm, prompts, args.max_tokens)
