@@ -2,7 +2,7 @@
 against tokaccel's backend, same prompts, several context lengths and concurrencies (issue 28).
 
     <vllm venv>/bin/python benchmarks/vllm_decode.py --model DIR \\
-        --policies "vllm;quest:k=768,page=32,n_init=64,n_local=192" --lengths 2048,8192 --concurrency 1,4
+        --policies "vllm;quest:k=768,page=32,n_init=64,n_local=192" --lengths 2048,8000 --concurrency 1,4
 
 One engine per policy (its own process: vLLM starts workers). Per (length, concurrency) case the
 prompts (`concurrency` distinct random-word prompts of `length` tokens) are prefilled once with
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", required=True, help="folder with safetensors + tokenizer (scripts/setup_vllm.sh)")
     parser.add_argument("--policies", default="vllm;quest:k=768,page=32,n_init=64,n_local=192",
                         help="';'-separated: 'vllm' (vLLM's own) or tokaccel specs")
-    parser.add_argument("--lengths", default="2048,8192")
+    parser.add_argument("--lengths", default="2048,8000", help="prompt tokens; + new tokens must fit the model (8192)")
     parser.add_argument("--concurrency", default="1,4")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--passkey", type=int, default=4, help="passkey samples per length (0: none)")
