@@ -425,6 +425,15 @@ def versions() -> dict:
             "python": sys.version.split()[0]}
 
 
+def code_state() -> dict:
+    """{"git_commit", "git_dirty"}: the tokaccel checkout a result was measured with (recorded in
+    config.json so docs/results can say whether the code was committed)."""
+    from ..bench.results import git_commit
+
+    commit, dirty = git_commit()
+    return {"git_commit": commit, "git_dirty": dirty}
+
+
 def run_eval(model="smollm2-135m-instruct", policies=("dense",), tasks=("passkey",), lengths=(1024,), samples: int = 5,
              out: str | Path = "results", seed: int = 0, *, model_name: str | None = None, chat: bool | None = None,
              dtype="float32", device: str = "cpu", prefill_chunk: int | None = 2048, data_dirs: dict | None = None,
@@ -504,6 +513,7 @@ def run_eval(model="smollm2-135m-instruct", policies=("dense",), tasks=("passkey
                         "reuse_context": reuse_context, "policy": method.name, "policy_label": method.label,
                         "policy_kind": method.kind, "policy_config": method.config(), "versions": versions(),
                         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                        **code_state(),
                     }
                     if getattr(method, "provenance", None):  # e.g. FASA's calibration file and settings
                         config["policy_provenance"] = method.provenance
