@@ -20,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-from tokaccel.bench.results import E2E_CSV, OPS_CSV, SPEC_CSV, as_float, markdown_table, read_rows
+from tokaccel.bench.results import E2E_CSV, OPS_CSV, SPEC_CSV, VISION_CSV, as_float, markdown_table, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -138,7 +138,7 @@ def eval_cells(results: Path) -> list[dict]:
             "length": int(config["length"]), "policy": config["policy_label"], "score": as_float(metrics.get("score")),
             "samples": metrics.get("n_samples", config.get("samples")), "dtype": config.get("dtype", ""),
             "prefill_chunk": config.get("prefill_chunk"), "hit_rate": as_float(stats.get("selection_hit_rate")),
-            # the eval harness records no commit yet: the provenance then says so
+            # results written before the harness recorded its commit say so in their provenance
             "git_commit": config.get("git_commit", ""), "git_dirty": config.get("git_dirty", ""),
             "device_name": config.get("device_name") or f"{config.get('device', '?')} (model not recorded)",
             "timestamp": config.get("created", ""), "torch": (config.get("versions") or {}).get("torch", ""),
@@ -193,12 +193,21 @@ def vision_page(results: Path) -> str:
         samples = sorted({r["samples"] for r in rows})
         sections.append("\n\n".join([
             f"## Proxy accuracy: {path.parent.name}",
-            provenance(path, [{}], "The proxy of docs/vision.md (Gemma-3-270M's decoder reading word embeddings as "
+            provenance(path, [r for r in rows if r.get("git_commit")] or [{}], "The proxy of docs/vision.md (Gemma-3-270M's decoder reading word embeddings as "
                                "image patches), not a VLM benchmark."),
             f"Accuracy in % over {'/'.join(map(str, samples))} samples per cell; keep = share of the image tokens kept.",
             markdown_table(table, list(table[0]))]))
         for plot in sorted(path.parent.glob("*.png")):
             sections.append(f"![{plot.stem}](../../{_rel(plot)})")
+    vision_csv = results / "cpu" / VISION_CSV
+    for run in _by_run(read_rows(vision_csv)) if vision_csv.exists() else []:
+        table = [{"method": r["method"], "keep": r["keep"], "image tokens": r["image_tokens"],
+                  "GFLOPs (ratio)": f"{as_float(r['gflops']):.1f} ({as_float(r['flops_ratio']):.2f})",
+                  "prefill s": f"{as_float(r['prefill_s']):.3f}", "speedup": f"{as_float(r['speedup']):.2f}x"}
+                 for r in run]
+        sections.append("\n\n".join([
+            f"## Prefill cost vs keep: `tokaccel bench vision`, {run[0]['timestamp'][:10]}",
+            provenance(vision_csv, run, "a random-weight LLaVA."), markdown_table(table, list(table[0]))]))
     for path in sorted((results / "vision").glob("prefill_*/results.json")):
         data = json.loads(path.read_text())
         meta = data.get("meta", {})
@@ -333,12 +342,20 @@ def vision_figures(results: Path, method: str, keep: float) -> tuple[tuple[str, 
         for r in data["rows"]:
             if r["method"] == method and r["keep"] == keep:
                 speed = (f"{r['speedup']:.2f}x prefill (random LLaVA, keep {keep})", data.get("meta", {}))
+    vision_csv = results / "cpu" / VISION_CSV
+    if vision_csv.exists():  # `tokaccel bench vision` runs, which record their commit, come first
+        def match(r):
+            return r["method"] == method and as_float(r["keep"]) == keep
+        runs = [run for run in _by_run(read_rows(vision_csv)) if any(map(match, run))]
+        if runs:
+            row = next(filter(match, _latest(runs)))
+            speed = (f"{as_float(row['speedup']):.2f}x prefill (random LLaVA, keep {keep})", row)
     for path in sorted((results / "vision").glob("proxy_*/results.json")):
         rows = json.loads(path.read_text())
         dense = next(r for r in rows if r["method"] == "dense")
         for r in rows:
             if r["method"] == method and r["keep"] == keep:
-                accuracy = (f"{100 * r['accuracy']:.0f} % vs dense {100 * dense['accuracy']:.0f} % (proxy, keep {keep})", {})
+                accuracy = (f"{100 * r['accuracy']:.0f} % vs dense {100 * dense['accuracy']:.0f} % (proxy, keep {keep})", r)
     return speed, accuracy
 
 

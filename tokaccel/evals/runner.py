@@ -425,13 +425,13 @@ def versions() -> dict:
             "python": sys.version.split()[0]}
 
 
-def code_state() -> dict:
-    """{"git_commit", "git_dirty"}: the tokaccel checkout a result was measured with (recorded in
-    config.json so docs/results can say whether the code was committed)."""
-    from ..bench.results import git_commit
+def code_state(device) -> dict:
+    """{"git_commit", "git_dirty", "device_name"}: the tokaccel checkout and the machine a result was
+    measured with (recorded in config.json so docs/results can say whether the code was committed)."""
+    from ..bench.results import device_name, git_commit
 
     commit, dirty = git_commit()
-    return {"git_commit": commit, "git_dirty": dirty}
+    return {"git_commit": commit, "git_dirty": dirty, "device_name": device_name(device)}
 
 
 def run_eval(model="smollm2-135m-instruct", policies=("dense",), tasks=("passkey",), lengths=(1024,), samples: int = 5,
@@ -513,7 +513,7 @@ def run_eval(model="smollm2-135m-instruct", policies=("dense",), tasks=("passkey
                         "reuse_context": reuse_context, "policy": method.name, "policy_label": method.label,
                         "policy_kind": method.kind, "policy_config": method.config(), "versions": versions(),
                         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                        **code_state(),
+                        **code_state(next(net.parameters()).device),
                     }
                     if getattr(method, "provenance", None):  # e.g. FASA's calibration file and settings
                         config["policy_provenance"] = method.provenance

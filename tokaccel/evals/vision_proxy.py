@@ -256,6 +256,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+PROVENANCE = ("timestamp", "device_name", "threads", "torch", "transformers", "git_commit", "git_dirty")
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gemma3-270m")
@@ -270,6 +273,8 @@ def main(argv=None) -> list[dict]:
     args = p.parse_args(argv)
     from tqdm import tqdm
 
+    from ..bench.results import run_metadata
+
     if args.threads:
         torch.set_num_threads(args.threads)
     folder = Path(args.out) / f"proxy_{args.model}_p{args.patches}_noise{args.noise}_n{args.samples}_seed{args.seed}"
@@ -281,11 +286,13 @@ def main(argv=None) -> list[dict]:
     todo = [c for c in cells if c not in done]
     if todo:
         vlm, tok = build_proxy_vlm(args.model)
+        meta = run_metadata("cpu")  # each cell records the code and machine it was measured with
         for method, keep in tqdm(todo, desc="proxy eval"):
-            rows.append(run_cell(vlm, tok, method, keep, args.samples, args.patches, args.noise, args.seed))
+            row = run_cell(vlm, tok, method, keep, args.samples, args.patches, args.noise, args.seed)
+            rows.append({**row, **{k: meta[k] for k in PROVENANCE}})
             results_path.write_text(json.dumps(rows, indent=1))
     with open(folder / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, folder / "accuracy_vs_keep.png",
