@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The one entry point that sets itself up on a fresh machine (Python 3.10+ and pip are enough):
 #   ./run.sh demo [tokaccel demo options]   run the demo on the embedded default model
-#   ./run.sh test [pytest options]          run the whole test suite
+#   ./run.sh test [pytest options]          run the whole test suite (and, without options, the vLLM
+#                                           tests where ./run.sh vllm-setup has made their environment)
 #   ./run.sh setup                          only create/refresh the virtual environment
 #   ./run.sh tokaccel ARGS...               any tokaccel command inside the environment
 #   ./run.sh vllm-setup                     a separate vLLM (CPU) environment with tokaccel's backend
 #                                           (scripts/setup_vllm.sh, docs/vllm.md)
+#   ./run.sh vllm-generate ARGS...          greedy generation through vLLM in that environment
+#                                           (python -m tokaccel.vllm.run; the SmolLM2 folder by default)
 # The venv lives in .venv (override with TOKACCEL_VENV) and is re-synced only when pyproject.toml or
 # this script change. Torch: CPU build 2.13.0 where there is no NVIDIA GPU, the default CUDA
 # build otherwise; TOKACCEL_TORCH overrides the pip requirement (e.g. "torch==2.13.0").
@@ -51,8 +54,28 @@ command="${1:-}"
 case "$command" in
     setup) setup ;;
     demo) setup; exec "$VENV/bin/tokaccel" demo "$@" ;;
-    test) setup; cd "$ROOT"; exec "$VENV/bin/python" -m pytest -q "$@" ;;
+    test)
+        setup; cd "$ROOT"
+        "$VENV/bin/python" -m pytest -q "$@"
+        # The whole suite (no pytest arguments) also runs the vLLM tests in the vLLM environment
+        # when ./run.sh vllm-setup has made it (CI does); they need vLLM, which the main one lacks.
+        vllm_venv="${TOKACCEL_VLLM_VENV:-${TOKACCEL_CACHE:-$HOME/.cache/tokaccel}/vllm/venv}"
+        if [ $# -eq 0 ] && [ -x "$vllm_venv/bin/python" ]; then
+            echo "[tokaccel] the vLLM tests, in $vllm_venv" >&2
+            exec "$vllm_venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_vllm.py tests/test_vllm_paged.py
+        elif [ $# -eq 0 ]; then
+            echo "[tokaccel] the vLLM tests were not run: no vLLM environment (./run.sh vllm-setup makes one)" >&2
+        fi ;;
     tokaccel) setup; exec "$VENV/bin/tokaccel" "$@" ;;
     vllm-setup) exec "$ROOT/scripts/setup_vllm.sh" "$@" ;;
-    *) echo "usage: ./run.sh demo|test|setup|tokaccel|vllm-setup [args...]" >&2; exit 2 ;;
+    vllm-generate)
+        cache="${TOKACCEL_CACHE:-$HOME/.cache/tokaccel}"
+        vllm_venv="${TOKACCEL_VLLM_VENV:-$cache/vllm/venv}"
+        if [ ! -x "$vllm_venv/bin/python" ]; then
+            echo "[tokaccel] no vLLM environment in $vllm_venv: run ./run.sh vllm-setup first" >&2
+            exit 2
+        fi
+        exec "$vllm_venv/bin/python" -m tokaccel.vllm.run \
+            --model "${TOKACCEL_VLLM_MODEL:-$cache/vllm/smollm2-135m-instruct}" "$@" ;;
+    *) echo "usage: ./run.sh demo|test|setup|tokaccel|vllm-setup|vllm-generate [args...]" >&2; exit 2 ;;
 esac

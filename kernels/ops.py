@@ -35,6 +35,12 @@ Ops:
     fc_scores(q [B, R, D], keys_dom [B, Hk, N, d], dims [Hk, d], scale) -> [B, R, N]
                                     logits over each head's dominant dims only (FASA scoring)
 
+    paged_indexed_attention(q [B, H, D], key_cache, value_cache [NB, BS, Hk, D], block_table [B, M],
+                            idx [B, L], valid [B, L], scale) -> [B, H, D]
+                                    decode attention over an index set read through vLLM's block tables
+    paged_key_scores(q [B, H, D], key_cache [NB, BS, Hk, D], block_table [B, M], lengths [B]) -> [B, H, N]
+                                    raw logits of every cached token through the block table (vLLM backend)
+
 Submodules not imported here: ``tokaccel.kernels.aot`` (ahead-of-time compilation
 report), ``tokaccel.kernels.testing`` (tolerances and random inputs for tests).
 """
@@ -75,6 +81,12 @@ from .indexed_attention import (
     indexed_decode_attention_reference,
     indexed_prefill_attention,
     indexed_prefill_attention_reference,
+)
+from .paged_attention import (
+    paged_indexed_attention,
+    paged_indexed_attention_reference,
+    paged_key_scores,
+    paged_key_scores_reference,
 )
 from .recycling import adjacency_update, adjacency_update_reference, tree_draft, tree_draft_reference
 from .soft_vote import softmax_head_sum, softmax_head_sum_reference
@@ -121,4 +133,8 @@ __all__ = [
     "block_token_scores_reference",
     "fc_scores",
     "fc_scores_reference",
+    "paged_indexed_attention",
+    "paged_indexed_attention_reference",
+    "paged_key_scores",
+    "paged_key_scores_reference",
 ]

@@ -1,12 +1,15 @@
 """tokaccel inside a real vLLM engine (skipped where vLLM is not installed: scripts/setup_vllm.sh).
 
 SmolLM2-135M-Instruct exported to a local folder (TOKACCEL_VLLM_MODEL, default
-$TOKACCEL_CACHE/vllm/smollm2-135m-instruct, written by scripts/setup_vllm.sh), greedy, 8 prompts of 17-504
+$TOKACCEL_CACHE/vllm/smollm2-135m-instruct, written by scripts/setup_vllm.sh), greedy, 8 prompts of 9-504
 tokens in one batch, cache blocks of 32. With a budget covering every context and the sparse path
 forced (dense_fallback=false: every decode step of every request goes through tokaccel), the
 tokens equal vLLM's own backend's, for TokenSelect (token rows read from the paged cache) and
 Quest on whole blocks (vLLM's kernel over the chosen blocks); a small budget changes them (so the
-path did run)."""
+path did run). At most 3 requests run at a time, so requests join and leave the batch, and a
+budget between the prompts' lengths mixes dense and sparse requests in the same steps. The
+`generate` entry point of tokaccel.vllm.run (what `tokaccel eval --engine vllm`
+starts) answers JSONL token-id requests (one engine start, about 40 s on 2 cores)."""
 
 import json
 import os
@@ -32,10 +35,13 @@ def _prompts() -> list[str]:
 
 
 def _generate(tmp_path: Path, policy: str | None, tokens: int = 12) -> list[list[int]]:
+    """Greedy tokens of the 8 prompts, at most 3 requests at a time: requests join and leave the
+    running batch as others finish (continuous batching)."""
     prompts, out = tmp_path / "prompts.json", tmp_path / f"out-{abs(hash(policy))}.json"
     prompts.write_text(json.dumps(_prompts()))
     args = [sys.executable, "-m", "tokaccel.vllm.run", "--model", str(MODEL), "--prompts", str(prompts),
-            "--max-tokens", str(tokens), "--max-model-len", "1024", "--block-size", "32", "--out", str(out)]
+            "--max-tokens", str(tokens), "--max-model-len", "1024", "--block-size", "32", "--max-num-seqs", "3",
+            "--out", str(out)]
     if policy:
         args += ["--policy", policy]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -76,3 +82,39 @@ def test_greedy_tokens_equal_vllms_own_with_a_covering_budget(tmp_path):
     small = _generate(tmp_path, "tokenselect:k=8,n_init=4,n_local=8,dense_fallback=false")
     assert small != own  # 20 tokens read per step: the tokaccel path did run
     assert [len(o) for o in small] == [12] * len(LENGTHS)
+    # Budget 84 with the dense fallback: requests of up to 56 tokens stay on vLLM's kernel while
+    # longer ones in the same steps decode sparsely (the 77-word one crosses over mid-generation);
+    # the dense ones, served from the split-off metadata, must be exactly vLLM's.
+    mixed = _generate(tmp_path, "tokenselect:k=64,n_init=4,n_local=16")
+    short = [i for i, n in enumerate(LENGTHS) if n <= 40]
+    assert [mixed[i] for i in short] == [own[i] for i in short]
+    assert [len(o) for o in mixed] == [12] * len(LENGTHS)
+
+
+@pytest.mark.skipif(not (MODEL / "config.json").exists(), reason=f"no exported model in {MODEL}")
+def test_the_generate_entry_point_answers_token_id_requests(tmp_path):
+    """`python -m tokaccel.vllm.run generate` (what `tokaccel eval --engine vllm` runs): JSONL in,
+    greedy token ids out per request id, EOS / stop ids honoured, versions in the meta file."""
+    from transformers import AutoTokenizer
+
+    from tokaccel.vllm.run import read_jsonl, write_jsonl
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Count from one to ten in words."}],
+                                         add_generation_prompt=True, tokenize=False)
+    prompt = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    write_jsonl(tmp_path / "in.jsonl", [{"id": "long", "prompt_token_ids": prompt, "max_tokens": 8, "stop_token_ids": [2]},
+                                        {"id": "short", "prompt_token_ids": prompt, "max_tokens": 3, "stop_token_ids": []}])
+    args = [sys.executable, "-m", "tokaccel.vllm.run", "generate", "--model", str(MODEL), "--input",
+            str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--meta", str(tmp_path / "meta.json")]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.pop("TOKACCEL_VLLM_POLICY", None)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = {row["id"]: row for row in read_jsonl(tmp_path / "out.jsonl")}
+    assert sorted(out) == ["long", "short"] and len(out["short"]["token_ids"]) == 3
+    assert 3 <= len(out["long"]["token_ids"]) <= 8 and out["long"]["token_ids"][:3] == out["short"]["token_ids"]
+    assert out["long"]["decode_s"] is not None and out["long"]["prefill_s"] is not None
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["versions"]["vllm"] and meta["block_size"] == 32 and meta["max_model_len"] % 32 == 0
+    assert meta["max_model_len"] >= len(prompt) + 8

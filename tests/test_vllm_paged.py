@@ -9,21 +9,34 @@ from tokaccel.policies.base import LayerContext, LayerInfo
 from tokaccel.policies.engine import SelectionCall
 from tokaccel.stats import Stats
 from tokaccel.vllm import make_vllm_policy
-from tokaccel.vllm.paged import PagedSelector, key_rows, split_kv_cache
+from tokaccel.vllm.paged import NHDLayout, PagedSelector, VecLayout, key_rows, split_kv_cache, split_nhd
 
 H, HK, D, BS, NUM_BLOCKS = 6, 2, 16, 32, 40
+LAYOUTS = {"cpu": (VecLayout, split_kv_cache), "nhd": (NHDLayout, split_nhd)}
+layouts = pytest.mark.parametrize("layout", list(LAYOUTS))
 
 
-def paged(keys: torch.Tensor, values: torch.Tensor, blocks: torch.Tensor, kv_cache: torch.Tensor | None = None):
-    """Write keys / values [Hk, N, D] into a vLLM CPU cache [num_blocks, Hk, bs, 2D] (keys dim-major)
-    at the blocks `blocks`; returns the cache."""
+def split(kv_cache: torch.Tensor, layout: str = "cpu"):
+    """(key_cache, value_cache) views of one layer's cache [num_blocks, Hk, bs, 2D] as vLLM's CPU
+    ("cpu") or CUDA ("nhd") backend splits it."""
+    return LAYOUTS[layout][1](kv_cache)
+
+
+def paged(keys: torch.Tensor, values: torch.Tensor, blocks: torch.Tensor, kv_cache: torch.Tensor | None = None,
+          layout: str = "cpu"):
+    """Write keys / values [Hk, N, D] into a vLLM cache [num_blocks, Hk, bs, 2D] at the blocks
+    `blocks`, in vLLM's CPU layout (keys dim-major) or its CUDA one; returns the cache."""
     if kv_cache is None:
         kv_cache = torch.zeros(NUM_BLOCKS, HK, BS, 2 * D)
-    key_cache, value_cache = split_kv_cache(kv_cache)
+    key_cache, value_cache = split(kv_cache, layout)
     for t in range(keys.shape[1]):
         b, o = int(blocks[t // BS]), t % BS
-        key_cache[b, :, :, o] = keys[:, t]
-        value_cache[b, :, o] = values[:, t]
+        if layout == "cpu":
+            key_cache[b, :, :, o] = keys[:, t]
+            value_cache[b, :, o] = values[:, t]
+        else:
+            key_cache[b, o] = keys[:, t]
+            value_cache[b, o] = values[:, t]
     return kv_cache
 
 
@@ -38,8 +51,8 @@ def sequence(n: int, seed: int):
     return torch.randn(HK, n, D, generator=g), torch.randn(HK, n, D, generator=g), torch.randn(H, D, generator=g)
 
 
-def selector(spec: str) -> PagedSelector:
-    return PagedSelector(make_vllm_policy(spec), 5, H, HK, D, D ** -0.5)
+def selector(spec: str, layout: str = "cpu") -> PagedSelector:
+    return PagedSelector(make_vllm_policy(spec), 5, H, HK, D, D ** -0.5, layout=LAYOUTS[layout][0])
 
 
 def test_split_views_see_the_rows_written():
@@ -50,27 +63,47 @@ def test_split_views_see_the_rows_written():
     assert torch.equal(value_cache[blocks].transpose(0, 1).reshape(HK, -1, D)[:, :70], values)
 
 
+@layouts
+def test_both_layouts_read_the_same_rows(layout):
+    keys, values, _ = sequence(70, 0)
+    blocks = torch.tensor([7, 3, 11])
+    kind = LAYOUTS[layout][0]
+    key_cache, value_cache = split(paged(keys, values, blocks, layout=layout), layout)
+    assert kind.block_size(key_cache) == BS and kind.heads_dim(key_cache) == (HK, D)
+    assert torch.equal(kind.key_rows(key_cache, blocks, 70)[0], keys)
+    idx = torch.tensor([69, 0, 33, 40])
+    k, v = kind.rows_at(key_cache, value_cache, blocks, idx)
+    assert torch.equal(k[0], keys[:, idx]) and torch.equal(v[0], values[:, idx])
+    assert torch.equal(kind.key_rows_at(key_cache, blocks, idx)[0], keys[:, idx])
+    whole = kind.block_keys(key_cache, blocks[:2])  # [2, Hk, bs, D]
+    assert torch.equal(whole.transpose(0, 1).reshape(HK, 2 * BS, D), keys[:, :2 * BS])
+
+
+@layouts
 @pytest.mark.parametrize("spec", ["tokenselect:k=200,n_init=4,n_local=8,dense_fallback=false",
-                                  "quest:k=208,page=16,n_init=4,n_local=8,dense_fallback=false,dense_layers=0"])
-def test_a_covering_budget_is_dense_attention(spec):
+                                  "quest:k=208,page=16,n_init=4,n_local=8,dense_fallback=false,dense_layers=0",
+                                  "quest:k=224,page=32,n_init=4,n_local=8,dense_fallback=false,dense_layers=0"])
+def test_a_covering_budget_is_dense_attention(spec, layout):
     keys, values, q = sequence(150, 1)
     blocks = torch.randperm(NUM_BLOCKS)[:5]
-    key_cache, value_cache = split_kv_cache(paged(keys, values, blocks))
-    sel = selector(spec)
+    key_cache, value_cache = split(paged(keys, values, blocks, layout=layout), layout)
+    sel = selector(spec, layout)
     assert sel.is_sparse(150)
     out = sel.decode(q, key_cache, value_cache, blocks, 150)
     torch.testing.assert_close(out, dense(q, keys, values), atol=1e-5, rtol=1e-5)
     assert sel.ctx.stats["keys_read"] == 150
 
 
+@layouts
 @pytest.mark.parametrize("spec", ["tokenselect:k=16,n_init=4,n_local=8,theta=1.0",
-                                  "quest:k=32,page=16,n_init=4,n_local=8,dense_layers=0"])
-def test_a_small_budget_selects_what_the_engine_selects(spec):
+                                  "quest:k=32,page=16,n_init=4,n_local=8,dense_layers=0",
+                                  "quest:k=64,page=32,n_init=4,n_local=8,dense_layers=0"])
+def test_a_small_budget_selects_what_the_engine_selects(spec, layout):
     n = 300
     keys, values, q = sequence(n, 2)
     blocks = torch.randperm(NUM_BLOCKS)[:10]
-    key_cache, value_cache = split_kv_cache(paged(keys, values, blocks))
-    sel = selector(spec)
+    key_cache, value_cache = split(paged(keys, values, blocks, layout=layout), layout)
+    sel = selector(spec, layout)
     out = sel.decode(q, key_cache, value_cache, blocks, n)
 
     policy = sel.policy
@@ -82,40 +115,63 @@ def test_a_small_budget_selects_what_the_engine_selects(spec):
     assert sel.ctx.stats["keys_read"] == ctx.stats["keys_read"] < n
 
 
-def test_quest_pages_follow_the_growing_sequence():
+@layouts
+@pytest.mark.parametrize("page", [16, BS])
+def test_quest_pages_follow_the_growing_sequence(layout, page):
     """Summaries updated token by token equal summaries built at once (what the engine builds)."""
     n = 100
     keys, values, q = sequence(n + 20, 3)
     blocks = torch.tensor([4, 9, 1, 30])
-    kv_cache = paged(keys, values, blocks)
-    key_cache, value_cache = split_kv_cache(kv_cache)
-    grown = selector("quest:k=32,page=16,n_init=4,n_local=8,dense_layers=0")
+    kv_cache = paged(keys, values, blocks, layout=layout)
+    key_cache, value_cache = split(kv_cache, layout)
+    spec = f"quest:k=32,page={page},n_init=4,n_local=8,dense_layers=0"
+    grown = selector(spec, layout)
     for length in range(n, n + 20):
         grown.decode(q, key_cache, value_cache, blocks, length + 1)
-    fresh = selector("quest:k=32,page=16,n_init=4,n_local=8,dense_layers=0")
+    fresh = selector(spec, layout)
     fresh.decode(q, key_cache, value_cache, blocks, n + 20)
     (a,), (b,) = grown.requests[4], fresh.requests[4]
     assert torch.equal(a.block_index.kmax, b.block_index.kmax) and torch.equal(a.block_index.kmin, b.block_index.kmin)
 
 
-def test_a_request_reusing_freed_blocks_starts_afresh():
+@layouts
+def test_a_request_reusing_freed_blocks_starts_afresh(layout):
     """theta=0 reuses a selection forever; a new request on the same blocks must not."""
     n = 200
     spec = "tokenselect:k=16,n_init=4,n_local=8,theta=0"
     blocks = torch.tensor([2, 5, 6, 8, 9, 10, 12])
     keys, values, q = sequence(n, 4)
-    kv_cache = paged(keys, values, blocks)
-    sel = selector(spec)
-    sel.decode(q, *split_kv_cache(kv_cache), blocks, n)
-    sel.decode(q, *split_kv_cache(kv_cache), blocks, n)  # the same request again: a hit
+    kv_cache = paged(keys, values, blocks, layout=layout)
+    sel = selector(spec, layout)
+    sel.decode(q, *split(kv_cache, layout), blocks, n)
+    sel.decode(q, *split(kv_cache, layout), blocks, n)  # the same request again: a hit
     assert (sel.ctx.stats["selection_hits"], sel.ctx.stats["selection_misses"]) == (1, 1)
 
     keys2, values2, q2 = sequence(n, 5)  # another request now owns the blocks
-    paged(keys2, values2, blocks, kv_cache)
-    out = sel.decode(q2, *split_kv_cache(kv_cache), blocks, n)
+    paged(keys2, values2, blocks, kv_cache, layout=layout)
+    out = sel.decode(q2, *split(kv_cache, layout), blocks, n)
     assert sel.ctx.stats["selection_misses"] == 2
-    alone = selector(spec).decode(q2, *split_kv_cache(kv_cache), blocks, n)
+    alone = selector(spec, layout).decode(q2, *split(kv_cache, layout), blocks, n)
     assert torch.equal(out, alone)
+
+
+@layouts
+def test_a_preempted_request_recomputed_with_other_tokens_starts_afresh(layout):
+    """Preemption frees a request's blocks; recomputed (here: a different continuation written
+    into the same blocks, shorter than before), its old selection must not be reused."""
+    n = 200
+    spec = "tokenselect:k=16,n_init=4,n_local=8,theta=0"
+    blocks = torch.tensor([3, 1, 4, 15, 9, 26, 5])
+    keys, values, q = sequence(n, 7)
+    kv_cache = paged(keys, values, blocks, layout=layout)
+    sel = selector(spec, layout)
+    sel.decode(q, *split(kv_cache, layout), blocks, n)
+    keys2, values2, _ = sequence(n, 8)
+    keys2[:, :150], values2[:, :150] = keys[:, :150], values[:, :150]  # same prompt, other continuation
+    paged(keys2, values2, blocks, kv_cache, layout=layout)
+    out = sel.decode(q, *split(kv_cache, layout), blocks, 180)
+    assert sel.ctx.stats["selection_misses"] == 2
+    assert torch.equal(out, selector(spec, layout).decode(q, *split(kv_cache, layout), blocks, 180))
 
 
 def test_only_tokenselect_and_quest_in_original_positions():
@@ -126,24 +182,48 @@ def test_only_tokenselect_and_quest_in_original_positions():
     assert make_vllm_policy("tokenselect:k=64").position_mode == "original"
 
 
-def test_quest_on_whole_blocks_reads_a_superset_of_the_engines_pages():
+@layouts
+def test_quest_on_whole_blocks_reads_a_superset_of_the_engines_pages(layout):
     """Quest with page = block size: block_row lists whole blocks holding every token the engine's
     Quest reads (sinks, chosen pages, window), ends with the last block, and covers all at a
     covering budget."""
     n = 300
     keys, values, q = sequence(n, 6)
     blocks = torch.randperm(NUM_BLOCKS)[:10]
-    key_cache, value_cache = split_kv_cache(paged(keys, values, blocks))
+    key_cache, value_cache = split(paged(keys, values, blocks, layout=layout), layout)
     spec = f"quest:k=64,page={BS},n_init=4,n_local=40,dense_layers=0"
-    sel = selector(spec)
+    sel = selector(spec, layout)
     assert sel.reads_blocks(BS)
     row, tokens = sel.block_row(q, key_cache, blocks, n)
     assert row[-1] == blocks[-1] and tokens == (row.shape[0] - 1) * BS + n - 9 * BS < n
-    engine = selector(spec)
+    engine = selector(spec, layout)
     engine.decode(q, key_cache, value_cache, blocks, n)
     (state,) = engine.requests[int(blocks[0])]
     read = set(state.selection.mid[state.selection.mid_valid].tolist()) | set(range(4)) | set(range(n - 40, n))
     logical = {int((blocks == b).nonzero()) for b in row}
     assert {t // BS for t in read} <= logical
-    covering = selector(f"quest:k=512,page={BS},n_init=4,n_local=40,dense_layers=0,dense_fallback=false")
+    covering = selector(f"quest:k=512,page={BS},n_init=4,n_local=40,dense_layers=0,dense_fallback=false", layout)
     assert torch.equal(covering.block_row(q, key_cache, blocks, n)[0], blocks)
+
+
+def test_the_cuda_path_batched_kernel_equals_per_request_decode():
+    """What TokaccelCUDAImpl does for a batch (indices per request, then one
+    paged_indexed_attention call over the block tables) equals decode() of each request alone."""
+    from tokaccel.kernels.paged_attention import paged_indexed_attention
+
+    lengths, spec = (300, 170), "tokenselect:k=16,n_init=4,n_local=8"
+    kv_cache = torch.zeros(NUM_BLOCKS, HK, BS, 2 * D)
+    tables, queries = torch.randperm(NUM_BLOCKS)[:20].view(2, 10), []
+    for b, n in enumerate(lengths):
+        keys, values, q = sequence(n, 10 + b)
+        paged(keys, values, tables[b], kv_cache, layout="nhd")
+        queries.append(q)
+    key_cache, value_cache = split(kv_cache, "nhd")
+    batched, alone = selector(spec, "nhd"), selector(spec, "nhd")
+    picked = [batched.indices(queries[b], key_cache, tables[b], n) for b, n in enumerate(lengths)]
+    idx = torch.nn.utils.rnn.pad_sequence([i for i, _ in picked], batch_first=True)
+    valid = torch.nn.utils.rnn.pad_sequence([v for _, v in picked], batch_first=True)
+    out = paged_indexed_attention(torch.stack(queries), key_cache, value_cache, tables.int(), idx, valid, D ** -0.5)
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(out[b], alone.decode(queries[b], key_cache, value_cache, tables[b], n),
+                                   atol=1e-5, rtol=1e-5)

@@ -1,9 +1,10 @@
-"""`tokaccel bench ops | e2e | spec | vision`: run a benchmark, append its rows to `<out>/bench_<name>.csv`,
+"""`tokaccel bench ops | e2e | spec | vision | vllm`: run a benchmark, append its rows to `<out>/bench_<name>.csv`,
 append a markdown table (headed by the command that reproduces it) to `<out>/bench_<name>.md`, and print the table.
 
     tokaccel bench ops --shapes smollm2,llama3-8b --n 4K,16K,128K --phases decode
     tokaccel bench e2e --model smollm2 --contexts 1K,4K --batch 1,4 --policies dense --peers prompt_lookup
     tokaccel bench vision --keeps 1.0,0.5,0.25,0.1 --methods divprune,fastv   # VLM prefill vs image tokens kept
+    tokaccel bench vllm --contexts 2048,8000 --concurrency 1,4 --tasks passkey --samples 2   # vLLM vs tokaccel's backend
     tokaccel bench ops --smoke          # tiny sizes, 1 repeat: what CI runs
     tokaccel plot results/bench         # PNGs from the CSVs
 """
@@ -129,6 +130,29 @@ def add_commands(subparsers) -> None:
     vision.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default: {DEFAULT_OUT})")
     vision.add_argument("--smoke", action="store_true", help="a 64-wide 3-layer decoder, 36-token image, 1 repeat")
     vision.set_defaults(func=run_vision_command)
+
+    vllm = sub.add_parser("vllm", help="decode tok/s and task accuracy through vLLM: its own backend vs tokaccel's",
+                          description="vLLM's CPU engine (the environment of ./run.sh vllm-setup, $TOKACCEL_VLLM_VENV) "
+                                      "with its own attention backend and with tokaccel's backend and a policy, on "
+                                      "the same prompts: decode throughput per (context, concurrency) with the "
+                                      "prefill served by prefix caching, and the score of task samples (built as "
+                                      "`tokaccel eval` builds them) per (backend, task, context).")
+    vllm.add_argument("--model", default="smollm2-135m-instruct",
+                      help="the embedded smollm2 (its export by ./run.sh vllm-setup) or a local model folder")
+    vllm.add_argument("--contexts", type=_sizes, default=[2048, 8000], help="prompt tokens (default: 2048,8000)")
+    vllm.add_argument("--concurrency", type=_sizes, default=[1, 4], help="requests decoding at once (default: 1,4)")
+    vllm.add_argument("--policy", type=_names, default=None,
+                      help="tokaccel spec(s) for tokaccel's backend, tokenselect:... or quest:... (page = --block-size "
+                           "selects whole cache blocks; default: quest:k=768,page=32,n_init=64,n_local=192)")
+    vllm.add_argument("--new-tokens", type=int, default=32, help="timed decode tokens per request (default: 32)")
+    vllm.add_argument("--tasks", type=_names, default=["passkey"], help="eval tasks for accuracy (default: passkey)")
+    vllm.add_argument("--samples", type=int, default=2, help="samples per (task, context); 0: no accuracy (default: 2)")
+    vllm.add_argument("--block-size", type=int, default=32, help="vLLM KV cache block size (default: 32)")
+    vllm.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    vllm.add_argument("--seed", type=int, default=0, help="task samples' seed, as `tokaccel eval --seed`")
+    vllm.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default: {DEFAULT_OUT})")
+    vllm.add_argument("--no-progress", action="store_true", help="no progress lines")
+    vllm.set_defaults(func=run_vllm_command)
 
 
 def _set(config, **values):
@@ -265,6 +289,32 @@ def run_vision_command(args) -> int:
     columns = ["method", "keep", "image_tokens", "gflops", "flops_ratio", "prefill_s", "speedup"]
     headers = ["method", "keep", "image tokens", "GFLOPs", "FLOPs ratio", "prefill s", "speedup"]
     return _finish(rows, Path(args.out), VISION_CSV, command, columns, headers)
+
+
+def run_vllm_command(args) -> int:
+    import sys
+
+    from .results import run_metadata
+    from .vllm import DEFAULT_POLICY, TABLE_COLUMNS, TABLE_HEADERS, VLLM_CSV, VLLMBenchConfig, run_vllm_bench, table_rows
+
+    config = VLLMBenchConfig(model=args.model, contexts=args.contexts, concurrency=args.concurrency,
+                             policies=args.policy or [DEFAULT_POLICY], new_tokens=args.new_tokens,
+                             tasks=[] if args.tasks == ["none"] else args.tasks, samples=args.samples,
+                             block_size=args.block_size, dtype=args.dtype, seed=args.seed)
+    command = _command(args, [("--model", config.model), ("--contexts", config.contexts),
+                              ("--concurrency", config.concurrency), ("--policy", config.policies),
+                              ("--new-tokens", config.new_tokens), ("--tasks", config.tasks or ["none"]),
+                              ("--samples", config.samples), ("--block-size", config.block_size),
+                              ("--dtype", config.dtype), ("--seed", config.seed), ("--out", args.out)])
+    try:
+        rows = run_vllm_bench(config, run_metadata("cpu"), progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"tokaccel bench vllm: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # the vLLM run failed: the end of its log
+        print(f"tokaccel bench vllm: {e}", file=sys.stderr)
+        return 1
+    return _finish(rows, Path(args.out), VLLM_CSV, command, TABLE_COLUMNS, TABLE_HEADERS, table_rows=table_rows(rows))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,8 @@
     tokaccel eval --tasks longbench:hotpotqa,infbench:passkey --longbench-dir DIR --infbench-dir DIR
     tokaccel eval --report results/          # task x length tables of the results already there
     tokaccel eval --report results/ --against tokenselect --margin 3   # paired differences on the same prompts
+    tokaccel eval --engine vllm --policies dense,quest:k=768,page=32 --tasks passkey --lengths 2048
+                                             # the same prompts through vLLM (./run.sh vllm-setup first)
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ def add_commands(subparsers) -> None:
     chat = p.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="force the chat template")
     chat.add_argument("--no-chat", dest="chat", action="store_false", help="plain completion even if a chat template exists")
+    p.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                   help="hf (default): transformers in this process; vllm: a vLLM engine (CPU) in the vLLM environment "
+                        "of ./run.sh vllm-setup ($TOKACCEL_VLLM_VENV), one per policy, on the same prompt token ids. "
+                        "vllm runs the embedded smollm2 or a local model folder, policies dense (vLLM's own attention), "
+                        "tokenselect:... and quest:... (page=32: whole cache blocks); its results are kept apart "
+                        "(label suffix ' (vllm)')")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, auto (default)")
     p.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill forward (0: whole prompt)")
@@ -147,10 +155,15 @@ def run(args) -> int:
                                 seed=args.seed, chat=args.chat, dtype=args.dtype, device=args.device,
                                 prefill_chunk=args.prefill_chunk or None, data_dirs=data_dirs, force=args.force,
                                 progress=not args.no_progress, write_summary=False, threads=args.threads,
-                                reuse_context=not args.question_in_prefill)
+                                reuse_context=not args.question_in_prefill, engine=args.engine)
     except (ValueError, FileNotFoundError, ImportError, NotImplementedError) as e:
         print(f"tokaccel eval: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if args.engine == "hf":
+            raise
+        print(f"tokaccel eval: {e}", file=sys.stderr)  # the vLLM run failed: the end of its log
+        return 1
     if results:
         write_folder_summary(out)
     print(summary_table(results), end="")

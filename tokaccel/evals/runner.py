@@ -308,13 +308,14 @@ def collect_results(path: str | Path) -> list[dict]:
         except (ValueError, KeyError) as e:
             logger.warning("ignoring %s: %s", metrics_file.parent, e)
             continue
-        key = (result["model"], result["task"], result["length"], result["policy_label"], result["config"].get("dtype"))
+        key = (result["model"], result["task"], result["length"], result["policy_label"], result["config"].get("dtype"),
+               result["config"].get("engine", "hf"))
         if key not in best or result["n_samples"] > best[key]["n_samples"]:
             best[key] = result
     dtypes: dict[tuple, set] = {}
-    for model, _, _, label, dtype in best:
+    for model, _, _, label, dtype, _ in best:
         dtypes.setdefault((model, label), set()).add(dtype)
-    for (model, _, _, label, dtype), result in best.items():
+    for (model, _, _, label, dtype, _), result in best.items():
         if len(dtypes[(model, label)]) > 1:  # one folder, several dtypes: keep them apart in tables and plots
             result["policy_label"] = f"{label} ({dtype})"
     return list(best.values())
@@ -349,12 +350,13 @@ def length_tables(results: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["model"], r["policy_label"], r["config"].get("dtype")), []).append(r)
-    dense = {(r["model"], r["task"], r["length"], r["config"].get("dtype")): r
+    dense = {(r["model"], r["task"], r["length"], r["config"].get("dtype"), r["config"].get("engine", "hf")): r
              for r in results if r["policy"] == "dense"}
     for (model, label, dtype), rows in sorted(groups.items(), key=lambda item: tuple(map(str, item[0]))):
         lengths = sorted({r["length"] for r in rows})
         tasks = list(dict.fromkeys(r["task"] for r in sorted(rows, key=lambda r: r["task"])))
-        cells = {(r["task"], r["length"]): _cell(r, dense.get((model, r["task"], r["length"], dtype))) for r in rows}
+        cells = {(r["task"], r["length"]): _cell(r, dense.get((model, r["task"], r["length"], dtype,
+                                                               r["config"].get("engine", "hf")))) for r in rows}
         out.append(f"**{model}, {label}, {dtype}** (score, samples" + (", difference to dense)\n"
                    if any(r["policy"] != "dense" for r in rows) else ")\n"))
         out.append("| task | " + " | ".join(length_name(n) for n in lengths) + " |")
@@ -438,7 +440,7 @@ def run_eval(model="smollm2-135m-instruct", policies=("dense",), tasks=("passkey
              out: str | Path = "results", seed: int = 0, *, model_name: str | None = None, chat: bool | None = None,
              dtype="float32", device: str = "cpu", prefill_chunk: int | None = 2048, data_dirs: dict | None = None,
              force: bool = False, reuse_context: bool = True, progress: bool = True, write_summary: bool = True,
-             threads: int | None = None) -> list[dict]:
+             threads: int | None = None, engine: str = "hf") -> list[dict]:
     """Evaluate every (task, length, policy) on `model` and write result folders under `out`.
 
     model: an embedded name / HF id / path (loaded with tokaccel.models.load, only if some result
@@ -450,7 +452,18 @@ def run_eval(model="smollm2-135m-instruct", policies=("dense",), tasks=("passkey
     call (1 is far faster on a CPU shared with other jobs). Returns one dict per result (model,
     task, length, policy, policy_label, metric, score, n_samples, folder, config, metrics,
     skipped) and writes `<out>/summary.md` (every result in the folder, see `length_tables`).
+    engine: "hf" (this process, transformers) or "vllm" (a vLLM engine in the vLLM environment on
+    the same prompts: embedded SmolLM2 or a model folder, policies dense / tokenselect / quest;
+    tokaccel.evals.vllm_engine; prefill_chunk, reuse_context and threads do not apply).
     """
+    if engine == "vllm":
+        from .vllm_engine import run_eval_vllm
+
+        return run_eval_vllm(model, policies=policies, tasks=tasks, lengths=lengths, samples=samples, out=out,
+                             seed=seed, model_name=model_name, chat=chat, dtype=dtype, device=device,
+                             data_dirs=data_dirs, force=force, progress=progress, write_summary=write_summary)
+    if engine != "hf":
+        raise invalid("run_eval", "engine", engine, 'choose "hf" or "vllm"')
     methods = [make_method(p) for p in policies]
     if len({m.label for m in methods}) != len(methods):
         raise ValueError(f"policies repeat: {[m.label for m in methods]}")

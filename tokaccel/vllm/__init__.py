@@ -1,4 +1,4 @@
-"""tokaccel's selection policies inside vLLM (CPU backend; docs/vllm.md).
+"""tokaccel's selection policies inside vLLM (CPU backend; a CUDA one not yet run on a GPU; docs/vllm.md).
 
 Installed beside vLLM (`pip install tokaccel[vllm]`, or scripts/setup_vllm.sh), tokaccel's
 `vllm.general_plugins` entry point (`register`) replaces vLLM's CPU attention backend (`CPU_ATTN`,
@@ -27,13 +27,17 @@ CONFIG_KEY = "tokaccel_policy"
 
 
 def register() -> None:
-    """The `vllm.general_plugins` entry point: make CPU_ATTN resolve to tokaccel's subclass.
-    vLLM calls it in every process; registering twice sets the same override again."""
+    """The `vllm.general_plugins` entry point: on CPU, make CPU_ATTN (the only backend vLLM's CPU
+    platform picks) resolve to tokaccel's subclass; on CUDA, register tokaccel's Triton subclass as
+    CUSTOM (`--attention-backend CUSTOM`). vLLM calls it in every process; registering twice sets
+    the same override again."""
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     if current_platform.is_cpu():
         register_backend(AttentionBackendEnum.CPU_ATTN, "tokaccel.vllm.backend.TokaccelCPUBackend")
+    elif current_platform.is_cuda():
+        register_backend(AttentionBackendEnum.CUSTOM, "tokaccel.vllm.backend.TokaccelCUDABackend")
 
 
 def policy_spec(additional_config: dict | None) -> str | None:

@@ -72,6 +72,72 @@ def key_rows_at(key_cache: torch.Tensor, blocks: torch.Tensor, idx: torch.Tensor
     return key_cache[blocks[idx // bs], :, :, idx % bs].transpose(0, 1)[None]
 
 
+class VecLayout:
+    """vLLM's CPU cache ("vec" / "vec16" ISAs): key_cache [num_blocks, Hk, D, bs] (dim-major),
+    value_cache [num_blocks, Hk, bs, D] (`split_kv_cache`)."""
+
+    name = "cpu"
+    key_rows = staticmethod(key_rows)
+    rows_at = staticmethod(rows_at)
+    key_rows_at = staticmethod(key_rows_at)
+
+    @staticmethod
+    def block_size(key_cache: torch.Tensor) -> int:
+        return key_cache.shape[3]
+
+    @staticmethod
+    def heads_dim(key_cache: torch.Tensor) -> tuple[int, int]:
+        return key_cache.shape[1], key_cache.shape[2]
+
+    @staticmethod
+    def block_keys(key_cache: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Keys of whole blocks ids [P] -> [P, Hk, bs, D] (a view of one gathered copy)."""
+        return key_cache.index_select(0, ids).transpose(2, 3)
+
+
+class NHDLayout:
+    """vLLM's CUDA cache (Triton / FlashAttention backends): key_cache and value_cache each
+    [num_blocks, bs, Hk, D], strided views of one [num_blocks, Hk, bs, 2D] tensor (`split_nhd`)."""
+
+    name = "nhd"
+
+    @staticmethod
+    def block_size(key_cache: torch.Tensor) -> int:
+        return key_cache.shape[1]
+
+    @staticmethod
+    def heads_dim(key_cache: torch.Tensor) -> tuple[int, int]:
+        return key_cache.shape[2], key_cache.shape[3]
+
+    @staticmethod
+    def key_rows(key_cache: torch.Tensor, blocks: torch.Tensor, n: int) -> torch.Tensor:
+        """The first n keys of a sequence -> [1, Hk, n, D]."""
+        nb, (bs, Hk, D) = -(-n // key_cache.shape[1]), key_cache.shape[1:]
+        return key_cache.index_select(0, blocks[:nb]).reshape(nb * bs, Hk, D)[:n].transpose(0, 1)[None]
+
+    @staticmethod
+    def rows_at(key_cache: torch.Tensor, value_cache: torch.Tensor, blocks: torch.Tensor, idx: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        bs = key_cache.shape[1]
+        block, offset = blocks[idx // bs], idx % bs
+        return key_cache[block, offset].transpose(0, 1)[None], value_cache[block, offset].transpose(0, 1)[None]
+
+    @staticmethod
+    def key_rows_at(key_cache: torch.Tensor, blocks: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        bs = key_cache.shape[1]
+        return key_cache[blocks[idx // bs], idx % bs].transpose(0, 1)[None]
+
+    @staticmethod
+    def block_keys(key_cache: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return key_cache.index_select(0, ids).transpose(1, 2)
+
+
+def split_nhd(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's CUDA cache of one layer [num_blocks, Hk, bs, 2D] -> views (key_cache, value_cache)
+    [num_blocks, bs, Hk, D], as vLLM's Triton backend splits it."""
+    return kv_cache.transpose(1, 2).split(kv_cache.shape[-1] // 2, dim=-1)
+
+
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, scale: float
            ) -> torch.Tensor:
     """Attention of q [H, D] over rows keys / values [1, Hk, L, D] where valid [L] -> [H, D]."""
@@ -97,19 +163,19 @@ class RequestState:
     block_index: BlockIndex | None = None
     key_columns = None  # keys in the natural head-dim order
 
-    def describes(self, key_cache: torch.Tensor, blocks: torch.Tensor, n: int) -> bool:
+    def describes(self, layout, key_cache: torch.Tensor, blocks: torch.Tensor, n: int) -> bool:
         """Whether this state belongs to the sequence of n tokens in `blocks` (not another request
         that now holds the same blocks, nor this one recomputed differently after preemption)."""
         m = self.blocks.shape[0]
         if self.tokens == 0 or n < self.tokens or blocks.shape[0] < m or not torch.equal(blocks[:m], self.blocks):
             return False
-        return torch.equal(last_key(key_cache, blocks, self.tokens), self.fingerprint)
+        return torch.equal(last_key(layout, key_cache, blocks, self.tokens), self.fingerprint)
 
 
-def last_key(key_cache: torch.Tensor, blocks: torch.Tensor, n: int) -> torch.Tensor:
+def last_key(layout, key_cache: torch.Tensor, blocks: torch.Tensor, n: int) -> torch.Tensor:
     """[Hk, D] key of token n - 1."""
-    bs = key_cache.shape[3]
-    return key_cache[blocks[(n - 1) // bs], :, :, (n - 1) % bs]
+    last = torch.tensor([n - 1], device=blocks.device)
+    return layout.key_rows_at(key_cache, blocks, last)[0, :, 0]
 
 
 class PagedSelector:
@@ -117,17 +183,18 @@ class PagedSelector:
 
     `decode(q, key_cache, value_cache, blocks, n)` -> [H, D]: attention of the query q [H, D] of a
     sequence of n tokens (the query's own key already in the cache) over `sinks ∪ selected ∪
-    local window`. Stats (hits, misses, keys read) accumulate in `self.ctx.stats`.
+    local window`. The caches are in `layout` (VecLayout: vLLM's CPU one; NHDLayout: its CUDA one).
+    Stats (hits, misses, keys read) accumulate in `self.ctx.stats`.
     """
 
     def __init__(self, policy: SelectionPolicy, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 scale: float):
+                 scale: float, layout=VecLayout):
         if policy.name not in SUPPORTED_POLICIES:
             raise ValueError(f"tokaccel.vllm supports the policies {SUPPORTED_POLICIES}, got {policy.name!r}")
         if policy.position_mode != "original":
             raise ValueError("tokaccel.vllm: vLLM caches rotated keys; the policy needs position_mode='original'")
         info = LayerInfo(layer_idx, num_heads, num_kv_heads, head_dim, None, "full_attention")
-        self.policy, self.scale = policy, float(scale)
+        self.policy, self.scale, self.layout = policy, float(scale), layout
         self.ctx = LayerContext(info, policy, Stats(), state=policy.standalone_state(info, None))
         self.active = policy.applies_to(info)
         self.page = getattr(policy, "page", None) if policy.name == "quest" else None
@@ -143,7 +210,7 @@ class PagedSelector:
         """The sequence's state, or a fresh one (replacing any stale state on its first block)."""
         states = self.requests.setdefault(int(blocks[0]), [])
         for state in states:
-            if state.describes(key_cache, blocks, n):
+            if state.describes(self.layout, key_cache, blocks, n):
                 state.last_call = self.calls
                 return state
         states[:] = [s for s in states if self.calls - s.last_call < 2]  # another live sequence sharing block 0
@@ -158,9 +225,9 @@ class PagedSelector:
             del self.requests[first]
 
     def _remember(self, state: RequestState, key_cache: torch.Tensor, blocks: torch.Tensor, n: int) -> None:
-        bs = key_cache.shape[3]
+        bs = self.layout.block_size(key_cache)
         state.blocks, state.tokens = blocks[:-(-n // bs)].clone(), n
-        state.fingerprint = last_key(key_cache, blocks, n).clone()
+        state.fingerprint = last_key(self.layout, key_cache, blocks, n).clone()
 
     def _update_pages(self, state: RequestState, key_cache: torch.Tensor, blocks: torch.Tensor, n: int) -> None:
         """Quest's page max / min (`BlockIndex`) brought to n tokens: only the pages that received
@@ -172,13 +239,14 @@ class PagedSelector:
         if index.tokens == n:
             return
         first = index.tokens // self.page
-        if self.page == key_cache.shape[3]:
-            kmax, kmin, count = block_bounds(key_cache, blocks, first, n)
+        if self.page == self.layout.block_size(key_cache):
+            kmax, kmin, count = block_bounds(self.layout, key_cache, blocks, first, n)
         else:
             from ..kernels.block_index import block_summaries
 
             idx = torch.arange(first * self.page, n, device=blocks.device)
-            _, kmax, kmin, count = block_summaries(key_rows_at(key_cache, blocks, idx).contiguous(), None, self.page, 0)
+            keys = self.layout.key_rows_at(key_cache, blocks, idx).contiguous()
+            _, kmax, kmin, count = block_summaries(keys, None, self.page, 0)
         keep = slice(0, first)
         index.kmax = kmax if index.kmax is None else torch.cat((index.kmax[:, :, keep], kmax), dim=2)
         index.kmin = kmin if index.kmin is None else torch.cat((index.kmin[:, :, keep], kmin), dim=2)
@@ -199,9 +267,10 @@ class PagedSelector:
         if not hit:
             local = max(n - p.n_local, 0)
             if self.page is not None:  # Quest scores page summaries only: the call's keys are a shape
-                keys = key_cache.new_empty(1, key_cache.shape[1], 1, key_cache.shape[2]).expand(-1, -1, n, -1)
+                keys = key_cache.new_empty(1, self.layout.heads_dim(key_cache)[0], 1,
+                                           self.layout.heads_dim(key_cache)[1]).expand(-1, -1, n, -1)
             else:
-                keys = key_rows(key_cache, blocks, n)
+                keys = self.layout.key_rows(key_cache, blocks, n)
             call = SelectionCall(p, self.ctx, query[:, :, None], keys, None, None, self.scale, state, compact=False)
             mid, mid_valid = call.select(query, local)
             start = torch.full((1,), local, dtype=torch.long, device=q.device)
@@ -209,17 +278,25 @@ class PagedSelector:
         return state.selection
 
     # -- decode ----------------------------------------------------------------------------------
-    def decode(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, blocks: torch.Tensor,
-               n: int) -> torch.Tensor:
+    def indices(self, q: torch.Tensor, key_cache: torch.Tensor, blocks: torch.Tensor, n: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token positions [L] the query q [H, D] of a sequence of n tokens reads: sinks, selected,
+        local window; valid [L] bool). Updates the sequence's state and the read counters."""
         state = self.state_for(key_cache, blocks, n)
         selection = self._selection(state, q, key_cache, blocks, n)
         first = torch.zeros(1, dtype=torch.long, device=q.device)
         idx, valid = assemble(first, self.policy.n_init, selection.mid, selection.mid_valid, selection.local_start, n,
                               None)
-        keys, values = rows_at(key_cache, value_cache, blocks, idx[0])
-        self.ctx.stats.record_read(1, 1, idx.shape[1], keys.shape[1], q.shape[-1], keys.element_size())
+        Hk, D = self.layout.heads_dim(key_cache)
+        self.ctx.stats.record_read(1, 1, idx.shape[1], Hk, D, key_cache.element_size())
         self._remember(state, key_cache, blocks, n)
-        return attend(q, keys, values, valid[0], self.scale)
+        return idx[0], valid[0]
+
+    def decode(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, blocks: torch.Tensor,
+               n: int) -> torch.Tensor:
+        idx, valid = self.indices(q, key_cache, blocks, n)
+        keys, values = self.layout.rows_at(key_cache, value_cache, blocks, idx)
+        return attend(q, keys, values, valid, self.scale)
 
     def reads_blocks(self, block_size: int) -> bool:
         """Whether selections are whole cache blocks (Quest with page = block size): then
@@ -231,7 +308,7 @@ class PagedSelector:
         """(the blocks to read [M] in sequence order, ending with the sequence's last block; the
         tokens they hold): the sink blocks, the pages Quest chose and the blocks of the local window
         (the window's first block read whole). Every block but the last is full."""
-        p, bs = self.policy, key_cache.shape[3]
+        p, bs = self.policy, self.layout.block_size(key_cache)
         state = self.state_for(key_cache, blocks, n)
         selection = self._selection(state, q, key_cache, blocks, n)
         last = (n - 1) // bs
@@ -241,22 +318,23 @@ class PagedSelector:
         chosen[min(int(selection.local_start[0]), n - 1) // bs:] = True
         logical = chosen.nonzero()[:, 0]
         tokens = (logical.shape[0] - 1) * bs + n - last * bs
-        self.ctx.stats.record_read(1, 1, tokens, key_cache.shape[1], q.shape[-1], key_cache.element_size())
+        self.ctx.stats.record_read(1, 1, tokens, self.layout.heads_dim(key_cache)[0], q.shape[-1],
+                                   key_cache.element_size())
         self._remember(state, key_cache, blocks, n)
         return blocks[logical], tokens
 
 
-def block_bounds(key_cache: torch.Tensor, blocks: torch.Tensor, first: int, n: int
+def block_bounds(layout, key_cache: torch.Tensor, blocks: torch.Tensor, first: int, n: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Elementwise max / min keys [1, Hk, P, D] and token counts [1, P] int32 of the sequence's
-    blocks first.. (P blocks up to token n), read whole from key_cache [num_blocks, Hk, D, bs]."""
-    bs = key_cache.shape[3]
+    blocks first.. (P blocks up to token n), read whole from the cache."""
+    bs = layout.block_size(key_cache)
     nb = -(-n // bs)
-    keys = key_cache.index_select(0, blocks[first:nb])  # [P, Hk, D, bs]
+    keys = layout.block_keys(key_cache, blocks[first:nb])  # [P, Hk, bs, D]
     filled = n - (nb - 1) * bs
     if filled < bs:  # the last block: only its first `filled` tokens are the sequence's
-        keys[-1, :, :, filled:] = keys[-1, :, :, :1]
-    kmax, kmin = keys.amax(-1), keys.amin(-1)  # [P, Hk, D]
+        keys[-1, :, filled:] = keys[-1, :, :1]
+    kmax, kmin = keys.amax(2), keys.amin(2)  # [P, Hk, D]
     count = torch.full((1, nb - first), bs, dtype=torch.int32, device=keys.device)
     count[0, -1] = filled
     return kmax.transpose(0, 1)[None], kmin.transpose(0, 1)[None], count
