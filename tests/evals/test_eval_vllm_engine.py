@@ -187,3 +187,12 @@ def test_vllm_and_hf_results_never_mix(vllm_env, smol_tok, tmp_path, monkeypatch
     assert sorted((r["policy_label"], r["score"]) for r in collected) == [("dense", 50.0), ("dense (vllm)", 100.0)]
     tables = length_tables(collected)
     assert "**smollm2-135m-instruct, dense, float32**" in tables and "dense (vllm)" in tables
+
+
+def test_requests_longer_than_the_model_are_refused_before_the_engine_starts(vllm_env, monkeypatch):
+    _, model = vllm_env
+    (model / "config.json").write_text(json.dumps({"max_position_embeddings": 64}))
+    monkeypatch.setattr(vllm_run, "launch", lambda *a: pytest.fail("the engine must not start"))
+    request = {"id": "a", "prompt_token_ids": list(range(60)), "max_tokens": 8, "stop_token_ids": []}
+    with pytest.raises(ValueError, match=r"positions \(longest prompt \+ new tokens\)=96 .*\[1, 64\]"):
+        vllm_run.generate_via_vllm([request], model, None, block_size=32)  # 68 tokens, in blocks of 32

@@ -181,7 +181,8 @@ def run_vllm_bench(config: VLLMBenchConfig, meta: dict, progress: bool = True, t
     import tempfile
 
     from ..evals.vllm_engine import load_tokenizer, stop_ids
-    from ..vllm.run import check_model_len, run_in_vllm
+    from ..validation import check_int
+    from ..vllm.run import model_max_len, run_in_vllm
 
     folder, backends, tasks = check(config)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
@@ -189,7 +190,8 @@ def run_vllm_bench(config: VLLMBenchConfig, meta: dict, progress: bool = True, t
     longest = max([n + 1 + config.new_tokens for n in config.contexts] +
                   [len(r["prompt_token_ids"]) + r["max_tokens"] for r in requests])
     max_model_len = -(-longest // config.block_size) * config.block_size
-    check_model_len(folder, max_model_len)
+    check_int("tokaccel bench vllm", "positions (longest prompt + new tokens)", max_model_len, 1,
+              model_max_len(folder))
     rows: list[dict] = []
     for backend, policy in backends:
         job = {"model": str(folder), "policy": policy, "dtype": config.dtype, "block_size": config.block_size,

@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..validation import check_int
+
 DEFAULT_BLOCK_SIZE = 32  # cache blocks of 32 tokens: quest:page=32 then selects whole blocks (the fast path)
 EMBEDDED_MODEL = "smollm2-135m-instruct"  # the one embedded model scripts/setup_vllm.sh exports
 SETUP_HINT = "run ./run.sh vllm-setup (scripts/setup_vllm.sh)"
@@ -266,13 +268,6 @@ def model_max_len(model_dir: str | Path) -> int | None:
     return int(value) if value else None
 
 
-def check_model_len(model_dir, needed: int) -> None:
-    limit = model_max_len(model_dir)
-    if limit is not None and needed > limit:
-        raise ValueError(f"prompts + new tokens need {needed} positions, more than the model's {limit} "
-                         f"(max_position_embeddings of {model_dir}); use shorter lengths")
-
-
 def launch(cmd: list[str], env: dict, log_path: Path) -> int:
     """Run one command of the vLLM environment, its output into `log_path`; the exit status.
     (Tests replace this with a fake engine.)"""
@@ -307,7 +302,8 @@ def generate_via_vllm(requests: list[dict], model_dir: str | Path, policy: str |
     ({id: {"token_ids", "prefill_s", "decode_s"}}, meta). log_dir: keep vLLM's log there."""
     if not requests:
         return {}, {}
-    check_model_len(model_dir, needed_model_len(requests, block_size))
+    check_int("tokaccel.vllm", "positions (longest prompt + new tokens)", needed_model_len(requests, block_size), 1,
+              model_max_len(model_dir))
     with tempfile.TemporaryDirectory(prefix="tokaccel-vllm-") as tmp:
         tmp = Path(tmp)
         write_jsonl(tmp / "requests.jsonl", requests)
