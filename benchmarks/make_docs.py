@@ -251,6 +251,46 @@ def calibration_page(results: Path) -> str:
     return _page("FASA calibration files", "", sections or ["No calibration file stored."])
 
 
+# ---------------------------------------------------------------------------------------- vLLM
+def vllm_page(results: Path) -> str:
+    """`tokaccel bench vllm` runs (bench_vllm.csv) and the rows of its earlier script (decode.csv):
+    per (context, concurrency) vLLM's own backend against tokaccel's, then task scores."""
+    sections = []
+    for name in ("bench_vllm.csv", "decode.csv"):
+        path = results / "vllm" / name
+        for run in _by_run(read_rows(path)) if path.exists() else []:
+            new = name == "bench_vllm.csv"
+            engine = "backend" if new else "policy"
+            decode = [r for r in run if r["case"] == "decode"]
+            base = {(r["context"], r["concurrency"]): r for r in decode if r[engine] == "vllm"}
+            table = []
+            for r in decode:
+                if r[engine] == "vllm":
+                    continue
+                ref = base.get((r["context"], r["concurrency"]))
+                ratio = as_float(ref["ms_per_token"]) / as_float(r["ms_per_token"]) if ref else float("nan")
+                table.append({"policy": r["policy"], "context": r["context"], "concurrency": r["concurrency"],
+                              "vLLM tok/s (ms/token)": f"{as_float(ref['decode_tok_per_s']):.1f} "
+                                                       f"({as_float(ref['ms_per_token']):.1f})" if ref else "",
+                              "tokaccel tok/s (ms/token)": f"{as_float(r['decode_tok_per_s']):.1f} "
+                                                           f"({as_float(r['ms_per_token']):.1f})",
+                              "speed-up": f"{ratio:.2f}x"})
+            scores = [{"backend": r[engine], "task": r.get("task") or "passkey", "context": r["context"],
+                       "score": _number(r.get("score")) if new else f"{100 * as_float(r['correct']):.0f}",
+                       "samples": r["samples"]} for r in run if r["case"] != "decode"]
+            body = [f"## `{_rel(path)}`, {run[0]['timestamp'][:10]}",
+                    provenance(path, run, f"vLLM {run[0].get('vllm')}, block size {run[0].get('block_size')}, "
+                                          f"{run[0].get('dtype') or 'float32'}, {run[0].get('new_tokens') or 32} timed "
+                                          "tokens per request; speed-up = vLLM's ms/token over tokaccel's, same run.")]
+            if table:
+                body.append(markdown_table(table, list(table[0])))
+            if scores:
+                body.append("Task scores in the same run (%):\n\n" + markdown_table(scores, list(scores[0])))
+            sections.append("\n\n".join(body))
+    return _page("Serving with vLLM (`tokaccel bench vllm`)", "SmolLM2-135M-Instruct through vLLM's CPU engine; see "
+                 "[docs/vllm.md](../vllm.md).", sections or ["No vLLM run stored."])
+
+
 # ---------------------------------------------------------------------------------------- analysis scripts
 def _number(cell: str | None) -> str:
     """A CSV cell for a table: non-integer numbers to 3 significant digits, everything else as stored."""
@@ -439,6 +479,7 @@ def pages(results: Path = RESULTS) -> dict[str, str]:
         "demo.md": demo_page(results),
         "fasa-calibration.md": calibration_page(results),
         "scripts.md": scripts_page(results),
+        "vllm.md": vllm_page(results),
     }
     groups = sorted({c["group"] for c in cells})
     for group in groups:

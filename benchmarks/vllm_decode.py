@@ -2,7 +2,7 @@
 (tokaccel/bench/vllm.py). This wrapper runs it with the main environment's python and writes to
 benchmarks/results/vllm/ unless --out is given:
 
-    .venv/bin/python benchmarks/vllm_decode.py --contexts 2048,8000 --concurrency 1,4 --tasks passkey --samples 2
+    .venv/bin/python benchmarks/vllm_decode.py --contexts 2048,8000 --concurrency 1,4 --tasks niah_single_2 --samples 3
 
 (The rows of benchmarks/results/vllm/decode.csv came from this script's earlier form, which ran in
 the vLLM environment itself; new rows go to bench_vllm.csv.)

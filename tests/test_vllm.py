@@ -72,6 +72,24 @@ def test_the_kv_layout_is_the_one_tokaccel_reads():
         assert torch.equal(k[0], keys[[0, 33, 69]].transpose(0, 1)) and torch.equal(v[0], values[[0, 33, 69]].transpose(0, 1))
 
 
+def test_cuda_graphs_are_declined_only_with_a_policy(monkeypatch):
+    """The CUDA builder (Triton's subclass) asks vLLM to keep attention out of captured graphs when
+    a policy selects per step, and keeps Triton's support level otherwise."""
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backend import AttentionCGSupport
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionMetadataBuilder
+
+    from tokaccel.vllm.backend import TokaccelCUDAMetadataBuilder
+
+    monkeypatch.delenv("TOKACCEL_VLLM_POLICY", raising=False)
+    sparse = SimpleNamespace(additional_config={"tokaccel_policy": "quest:k=256,page=32"})
+    plain = SimpleNamespace(additional_config={})
+    assert TokaccelCUDAMetadataBuilder.get_cudagraph_support(sparse, None) == AttentionCGSupport.NEVER
+    assert TokaccelCUDAMetadataBuilder.get_cudagraph_support(plain, None) == \
+        TritonAttentionMetadataBuilder.get_cudagraph_support(plain, None) != AttentionCGSupport.NEVER
+
+
 @pytest.mark.skipif(not (MODEL / "config.json").exists(), reason=f"no exported model in {MODEL}")
 def test_greedy_tokens_equal_vllms_own_with_a_covering_budget(tmp_path):
     own = _generate(tmp_path, None)

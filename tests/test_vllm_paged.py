@@ -206,6 +206,51 @@ def test_quest_on_whole_blocks_reads_a_superset_of_the_engines_pages(layout):
     assert torch.equal(covering.block_row(q, key_cache, blocks, n)[0], blocks)
 
 
+@pytest.mark.parametrize("n,k,n_init", [(300, 64, 4), (300, 100, 40), (1000, 300, 64), (300, 20, 4),
+                                         (60, 64, 4), (300, 600, 4)])
+def test_whole_block_pages_are_quests_page_choice(n, k, n_init):
+    """block_row's shortcut (forced end blocks, then the top full blocks) picks the pages
+    Quest.page_choice picks on the same bounds (budgets below the forced pages go through
+    page_choice itself)."""
+    num_blocks = -(-(n + 1) // BS)
+    keys, values, _ = sequence(n, 8)
+    kv_cache = torch.zeros(max(NUM_BLOCKS, num_blocks), HK, BS, 2 * D)
+    blocks = torch.randperm(kv_cache.shape[0])[:num_blocks]
+    key_cache, _ = split_kv_cache(paged(keys, values, blocks, kv_cache))
+    sel = selector(f"quest:k={k},page={BS},n_init={n_init},n_local=40,dense_layers=0")
+    state = sel.state_for(key_cache, blocks, n)
+    bounds = sel._update_bounds(state, key_cache, blocks, n)
+    end = n - 40
+    first, last = n_init // BS, (end - 1) // BS
+    for seed in range(5):
+        q = torch.randn(H, D, generator=torch.Generator().manual_seed(seed))
+        fast = sel._choose_pages(q, bounds, end)
+        general = sel._page_choice(q, bounds, n_init, end, first, last)
+        assert sorted(fast.tolist()) == sorted(general.tolist())
+        assert len(set(fast.tolist())) == len(fast)
+
+
+@pytest.mark.parametrize("start", [0, 5, 64])
+def test_whole_block_bounds_follow_the_growing_sequence(start):
+    """block_row's page bounds updated step by step (from `start` tokens) equal bounds built at once."""
+    keys, values, q = sequence(140, 9)
+    blocks = torch.tensor([4, 9, 1, 30, 12])
+    key_cache, _ = split_kv_cache(paged(keys, values, blocks))
+    spec = f"quest:k=32,page={BS},n_init=4,n_local=8,dense_layers=0"
+    grown, fresh = selector(spec), selector(spec)
+    if start:
+        grown.block_row(q, key_cache, blocks, start)
+    for length in range(max(start, 100), 141):
+        grown.block_row(q, key_cache, blocks, length)
+    fresh.block_row(q, key_cache, blocks, 140)
+    (a,), (b,) = grown.requests[4], fresh.requests[4]
+    nb = -(-140 // BS)
+    assert torch.equal(a.page_bounds.bounds[:, :, :nb], b.page_bounds.bounds[:, :, :nb])
+    full = keys[:, :128].reshape(HK, 4, BS, D)
+    assert torch.equal(b.page_bounds.bounds[:, :D, :4], full.amax(2).transpose(1, 2))
+    assert torch.equal(b.page_bounds.bounds[:, D:, 4], keys[:, 128:].amin(1))
+
+
 def test_the_cuda_path_batched_kernel_equals_per_request_decode():
     """What TokaccelCUDAImpl does for a batch (indices per request, then one
     paged_indexed_attention call over the block tables) equals decode() of each request alone."""

@@ -7,7 +7,9 @@ that is 4D (mean) or 2D elementwise bytes x 2 (max/min) per block and KV head.
 
 `update(keys, valid)` is incremental: only the blocks that received new tokens are summarised
 again (the last, partial block and the new ones), so a decode step reads at most `block` + 1
-keys. A shorter `keys` (an edit the cache layer did not report) rebuilds from scratch.
+keys. A shorter `keys` (an edit the cache layer did not report) rebuilds from scratch. The
+summaries are views of buffers with spare capacity, rewritten in place (`put`), so a decode step
+copies one block's summaries, not all of them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class BlockIndex:
         self.block, self.with_mean, self.with_bounds = block, with_mean, with_bounds
         self.tokens = 0  # rows summarised
         self.mean = self.kmax = self.kmin = self.count = None
+        self._buffers: dict[str, torch.Tensor] = {}
 
     @property
     def num_blocks(self) -> int:
@@ -34,24 +37,41 @@ class BlockIndex:
 
         N = keys.shape[2]
         if self.count is not None and (N < self.tokens or self.count.shape[0] != keys.shape[0]):
-            self.tokens, self.mean, self.kmax, self.kmin, self.count = 0, None, None, None, None
+            self.reset()
         if N == self.tokens and self.count is not None:
             return self
         first = self.tokens // self.block
         mean, kmax, kmin, count = block_summaries(keys, valid, self.block, first)
-        self.mean = self._splice(self.mean, mean, first, 2) if self.with_mean else None
-        self.kmax = self._splice(self.kmax, kmax, first, 2) if self.with_bounds else None
-        self.kmin = self._splice(self.kmin, kmin, first, 2) if self.with_bounds else None
-        self.count = self._splice(self.count, count, first, 1)
-        self.tokens = N
+        return self.put(first, N, mean, kmax, kmin, count)
+
+    def reset(self) -> None:
+        self.tokens, self.mean, self.kmax, self.kmin, self.count = 0, None, None, None, None
+
+    def put(self, first: int, tokens: int, mean: torch.Tensor | None, kmax: torch.Tensor | None,
+            kmin: torch.Tensor | None, count: torch.Tensor) -> "BlockIndex":
+        """Replace the summaries of blocks first.. by mean / kmax / kmin [B, Hk, m, D] and count
+        [B, m] (those of rows [first * block, tokens)); the index then covers `tokens` rows."""
+        self.mean = self._splice("mean", mean, first, 2) if self.with_mean else None
+        self.kmax = self._splice("kmax", kmax, first, 2) if self.with_bounds else None
+        self.kmin = self._splice("kmin", kmin, first, 2) if self.with_bounds else None
+        self.count = self._splice("count", count, first, 1)
+        self.tokens = tokens
         return self
 
-    @staticmethod
-    def _splice(old: torch.Tensor | None, new: torch.Tensor, first: int, dim: int) -> torch.Tensor:
-        """old's blocks before `first`, then `new` (blocks first..), along `dim`."""
-        if old is None or first == 0:
-            return new
-        return torch.cat((old.narrow(dim, 0, first), new), dim=dim)
+    def _splice(self, name: str, new: torch.Tensor, first: int, dim: int) -> torch.Tensor:
+        """A view of buffer `name`: its blocks before `first`, then `new` (blocks first..) along
+        `dim`, written in place (the buffer grows by doubling)."""
+        size = first + new.shape[dim]
+        buf = self._buffers.get(name)
+        if buf is None or first == 0 or buf.shape[dim] < size:
+            shape = list(new.shape)
+            shape[dim] = max(2 * size, 16)
+            grown = new.new_empty(shape)
+            if first:
+                grown.narrow(dim, 0, first).copy_(buf.narrow(dim, 0, first))
+            buf = self._buffers[name] = grown
+        buf.narrow(dim, first, new.shape[dim]).copy_(new)
+        return buf.narrow(dim, 0, size)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.mean, self.kmax, self.kmin, self.count)

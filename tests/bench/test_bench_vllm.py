@@ -43,7 +43,7 @@ def _parse(*argv):
 def test_options_parse():
     args = _parse()
     assert (args.contexts, args.concurrency, args.policy, args.new_tokens, args.tasks, args.samples) == (
-        [2048, 8000], [1, 4], None, 32, ["passkey"], 2)
+        [2048, 8000], [1, 4], None, 32, ["niah_single_2"], 3)
     args = _parse("--contexts", "1K,8000", "--concurrency", "1,4", "--policy", "quest:k=768,n_init=64,n_local=192,page=32",
                   "--new-tokens", "8", "--tasks", "passkey,niah_single", "--samples", "3", "--out", "x")
     assert args.contexts == [1024, 8000] and args.policy == ["quest:k=768,n_init=64,n_local=192,page=32"]
@@ -101,7 +101,7 @@ def test_a_run_with_a_fake_engine(vllm_env, smol_tok, tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(vllm_run, "launch", fake)
     out = tmp_path / "bench"
-    argv = ["bench", "vllm", "--contexts", "300,400", "--concurrency", "1,2", "--new-tokens", "4", "--samples", "2",
+    argv = ["bench", "vllm", "--contexts", "300,400", "--concurrency", "1,2", "--new-tokens", "4", "--tasks", "passkey", "--samples", "2",
             "--policy", "quest:k=64,page=32,n_init=4,n_local=16", "--out", str(out), "--no-progress"]
     assert cli.main(argv) == 0
     assert [c["policy"] for c in calls] == [None, "quest:k=64,page=32,n_init=4,n_local=16"]

@@ -4,7 +4,7 @@ append a markdown table (headed by the command that reproduces it) to `<out>/ben
     tokaccel bench ops --shapes smollm2,llama3-8b --n 4K,16K,128K --phases decode
     tokaccel bench e2e --model smollm2 --contexts 1K,4K --batch 1,4 --policies dense --peers prompt_lookup
     tokaccel bench vision --keeps 1.0,0.5,0.25,0.1 --methods divprune,fastv   # VLM prefill vs image tokens kept
-    tokaccel bench vllm --contexts 2048,8000 --concurrency 1,4 --tasks passkey --samples 2   # vLLM vs tokaccel's backend
+    tokaccel bench vllm --contexts 2048,8000 --concurrency 1,4 --tasks niah_single_2 --samples 3   # vLLM vs tokaccel's backend
     tokaccel bench ops --smoke          # tiny sizes, 1 repeat: what CI runs
     tokaccel plot results/bench         # PNGs from the CSVs
 """
@@ -145,8 +145,9 @@ def add_commands(subparsers) -> None:
                       help="tokaccel spec(s) for tokaccel's backend, tokenselect:... or quest:... (page = --block-size "
                            "selects whole cache blocks; default: quest:k=768,page=32,n_init=64,n_local=192)")
     vllm.add_argument("--new-tokens", type=int, default=32, help="timed decode tokens per request (default: 32)")
-    vllm.add_argument("--tasks", type=_names, default=["passkey"], help="eval tasks for accuracy (default: passkey)")
-    vllm.add_argument("--samples", type=int, default=2, help="samples per (task, context); 0: no accuracy (default: 2)")
+    vllm.add_argument("--tasks", type=_names, default=["niah_single_2"],
+                      help="eval tasks for accuracy (default: niah_single_2, which SmolLM2 answers at 2K)")
+    vllm.add_argument("--samples", type=int, default=3, help="samples per (task, context); 0: no accuracy (default: 3)")
     vllm.add_argument("--block-size", type=int, default=32, help="vLLM KV cache block size (default: 32)")
     vllm.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     vllm.add_argument("--seed", type=int, default=0, help="task samples' seed, as `tokaccel eval --seed`")

@@ -3,7 +3,7 @@ attention backend ("vllm") against tokaccel's backend with a policy, on the same
 several context lengths and concurrencies (issue 28).
 
     tokaccel bench vllm --contexts 2048,8000 --concurrency 1,4 \\
-        --policy quest:k=768,page=32,n_init=64,n_local=192 --new-tokens 32 --tasks passkey --samples 2
+        --policy quest:k=768,page=32,n_init=64,n_local=192 --new-tokens 32 --tasks niah_single_2 --samples 3
 
 This process (the main environment) builds every prompt as token ids: per context, `concurrency`
 distinct random-word prompts of exactly `context` tokens (decode timing) and `--samples` samples
@@ -45,8 +45,8 @@ class VLLMBenchConfig:
     concurrency: list[int] = field(default_factory=lambda: [1, 4])
     policies: list[str] = field(default_factory=lambda: [DEFAULT_POLICY])
     new_tokens: int = 32
-    tasks: list[str] = field(default_factory=lambda: ["passkey"])
-    samples: int = 2
+    tasks: list[str] = field(default_factory=lambda: ["niah_single_2"])
+    samples: int = 3
     block_size: int = 32
     dtype: str = "float32"
     seed: int = 0

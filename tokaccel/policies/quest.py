@@ -71,29 +71,37 @@ class Quest(SelectionPolicy):
     def choose(self, call, q, start, end, valid, query_valid=None):
         """Pages of [start, end) by bound, best first, while their candidates total <= k; see
         SelectionPolicy.choose."""
-        from ..kernels.ops import block_bound_scores
-        from ..kernels.soft_vote import softmax_head_sum
-
         B, T = q.shape[0], self.page
         index = layer_block_index(call, T, with_mean=False, with_bounds=True)
         cand = CandidateBlocks(start, end, valid, T, B, q.device)
         rows, weights = score_rows(q, call.key.shape[1], self.head_mapping, query_valid)
         span = slice(cand.first, cand.first + cand.n)
-        bound = block_bound_scores(rows, index.kmax[:, :, span], index.kmin[:, :, span], call.scale)  # [B, R, n]
+        chosen = self.page_choice(rows, weights, index.kmax[:, :, span], index.kmin[:, :, span], call.scale,
+                                  cand.count, cand.forced)  # [B, n] pages read whole
         count_block_reads(call, cand.n, 2 * call.key.shape[3] * index.kmax.element_size())
-        empty = cand.count == 0
+        tokens = chosen.repeat_interleave(T, 1) & cand.token_valid  # [B, n * T]
+        flag = torch.zeros(tokens.shape, device=q.device).masked_fill_(~tokens, NEG_INF)
+        picked, picked_valid = top_k(flag, self.k)  # every chosen token: they number <= k
+        return picked + cand.first * T, picked_valid
+
+    def page_choice(self, rows: torch.Tensor, weights: torch.Tensor | None, kmax: torch.Tensor, kmin: torch.Tensor,
+                    scale: float, count: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+        """[B, n] bool: the pages read whole. rows [B, R, D] / weights [B, R] (`score_rows`); kmax /
+        kmin [B, Hk, n, D] the pages' bounds; count [B, n] their candidate tokens; forced [B, n]
+        the pages kept first. Pages go best bound first while their candidates total <= k.
+        `tokaccel.vllm` calls this directly on its own page summaries."""
+        from ..kernels.ops import block_bound_scores
+        from ..kernels.soft_vote import softmax_head_sum
+
+        bound = block_bound_scores(rows, kmax, kmin, scale)  # [B, R, n]
+        empty = count == 0
         if self.head_vote == "max":
             if weights is not None:
                 bound.masked_fill_(weights[:, :, None] == 0, NEG_INF)
             score = bound.amax(1)
         else:
             score = softmax_head_sum(bound.masked_fill_(empty[:, None], NEG_INF), weights, overwrite=True)
-        score = score.masked_fill(empty, NEG_INF).masked_fill(cand.forced, float("inf"))
-
+        score = score.masked_fill(empty, NEG_INF).masked_fill(forced, float("inf"))
         order = score.argsort(dim=1, descending=True)
-        fits = (cand.count.gather(1, order).cumsum(1) <= self.k) & (score.gather(1, order) > NEG_INF)
-        chosen = torch.zeros_like(fits).scatter_(1, order, fits)  # [B, n] pages read whole
-        tokens = chosen.repeat_interleave(T, 1) & cand.token_valid  # [B, n * T]
-        flag = torch.zeros(tokens.shape, device=q.device).masked_fill_(~tokens, NEG_INF)
-        picked, picked_valid = top_k(flag, self.k)  # every chosen token: they number <= k
-        return picked + cand.first * T, picked_valid
+        fits = (count.gather(1, order).cumsum(1) <= self.k) & (score.gather(1, order) > NEG_INF)
+        return torch.zeros_like(fits).scatter_(1, order, fits)

@@ -17,7 +17,7 @@ this module does not import vLLM, and vLLM's `resolve_obj_by_qualname` still fin
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,13 +33,15 @@ _CLASSES: dict = {}  # name -> class, built on first access
 class DecodeSplit:
     """Which requests of a batch decode sparsely. sparse_reqs / sparse_tokens / sparse_lens: the
     request index, its query token row and its sequence length; dense_tokens [T_d] long: the query
-    rows of the other requests (None: there are none); dense: vLLM's metadata for those."""
+    rows of the other requests (None: there are none); dense: vLLM's metadata for those.
+    reused: what every layer of the step derives alike (the CPU backend's kernel arguments)."""
 
     sparse_reqs: list[int]
     sparse_tokens: list[int]
     sparse_lens: list[int]
     dense_tokens: torch.Tensor | None
     dense: object | None
+    reused: dict = field(default_factory=dict)
 
 
 def sparse_requests(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, threshold: int) -> torch.Tensor:
@@ -75,6 +77,16 @@ def _split_builder(parent_builder, parent_metadata):
         def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
             super().__init__(kv_cache_spec, layer_names, vllm_config, device)
             self.policy = _policy_for(vllm_config)
+
+        @classmethod
+        def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
+            """NEVER with a policy: selection runs Python per step, which a captured graph would
+            freeze (vLLM then leaves attention out of its CUDA graphs); else the parent's."""
+            if _policy_for(vllm_config) is not None:
+                from vllm.v1.attention.backend import AttentionCGSupport
+
+                return AttentionCGSupport.NEVER
+            return super().get_cudagraph_support(vllm_config, kv_cache_spec)
 
         def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
             meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -225,22 +237,28 @@ def _build_cpu_classes() -> dict:
                 row, tokens = selector.block_row(query[token], key_cache, block_table[req], n)
                 rows.append(row)
                 lens.append(tokens)
-            table = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(block_table.dtype)
-            seq_lens = torch.tensor(lens, dtype=torch.int32)
-            starts = torch.arange(len(rows) + 1, dtype=torch.int32)
-            tokens = torch.tensor(split.sparse_tokens)
-            scheduler = ops.cpu_attn_get_scheduler_metadata(
-                num_reqs=len(rows), num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                head_dim=self.head_size, seq_lens=seq_lens, dtype=query.dtype, query_start_loc=starts, causal=True,
-                sliding_window_size=-1, isa=layer.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-                kv_cache_dtype=self.kv_cache_dtype)
+            table = rows[0][None] if len(rows) == 1 else torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+            reused = split.reused
+            if "tokens" not in reused:
+                reused["tokens"] = torch.tensor(split.sparse_tokens)
+                reused["starts"] = torch.arange(len(rows) + 1, dtype=torch.int32)
+            tokens, starts = reused["tokens"], reused["starts"]
+            key = ("scheduler", tuple(lens))  # the layers' selections mostly hold as many tokens
+            if key not in reused:
+                seq_lens = torch.tensor(lens, dtype=torch.int32)
+                reused[key] = seq_lens, ops.cpu_attn_get_scheduler_metadata(
+                    num_reqs=len(rows), num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                    head_dim=self.head_size, seq_lens=seq_lens, dtype=query.dtype, query_start_loc=starts,
+                    causal=True, sliding_window_size=-1, isa=layer.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+                    kv_cache_dtype=self.kv_cache_dtype)
+            seq_lens, scheduler = reused[key]
             nb, Hk, bs, _ = kv_cache.shape
             parent_key, parent_value = kv_cache.view(nb, Hk, 2 * bs, -1).chunk(2, dim=2)
             out = output.new_empty((len(rows), *output.shape[1:]))
             ops.cpu_attention_with_kv_cache(
                 query=query.index_select(0, tokens), key_cache=parent_key, value_cache=parent_value, output=out,
                 query_start_loc=starts, seq_lens=seq_lens, scale=self.scale, causal=True, alibi_slopes=None,
-                sliding_window=-1, block_table=table, softcap=0, scheduler_metadata=scheduler, s_aux=None,
+                sliding_window=-1, block_table=table.to(block_table.dtype), softcap=0, scheduler_metadata=scheduler, s_aux=None,
                 k_scale=layer._k_scale_float, v_scale=layer._v_scale_float, kv_cache_dtype=self.kv_cache_dtype)
             output.index_copy_(0, tokens, out)
 

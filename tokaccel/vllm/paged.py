@@ -28,7 +28,7 @@ import torch
 from ..blocks import BlockIndex
 from ..policies.base import LayerContext, LayerInfo
 from ..policies.engine import SelectionCall, SelectionPolicy
-from ..selection import SelectionState, assemble, cache_hits
+from ..selection import SelectionState, assemble, cache_hits, score_rows
 from ..stats import Stats
 
 SUPPORTED_POLICIES = ("tokenselect", "quest")
@@ -82,6 +82,11 @@ class VecLayout:
     key_rows_at = staticmethod(key_rows_at)
 
     @staticmethod
+    def key_at(key_cache: torch.Tensor, block: int, offset: int) -> torch.Tensor:
+        """[Hk, D] view of the key at `offset` of cache block `block`."""
+        return key_cache[block, :, :, offset]
+
+    @staticmethod
     def block_size(key_cache: torch.Tensor) -> int:
         return key_cache.shape[3]
 
@@ -100,6 +105,10 @@ class NHDLayout:
     [num_blocks, bs, Hk, D], strided views of one [num_blocks, Hk, bs, 2D] tensor (`split_nhd`)."""
 
     name = "nhd"
+
+    @staticmethod
+    def key_at(key_cache: torch.Tensor, block: int, offset: int) -> torch.Tensor:
+        return key_cache[block, offset]
 
     @staticmethod
     def block_size(key_cache: torch.Tensor) -> int:
@@ -160,6 +169,8 @@ class RequestState:
     fingerprint: torch.Tensor  # [Hk, D] key of token tokens - 1 at that time
     last_call: int
     selection: SelectionState | None = None
+    pages: PageSelection | None = None
+    page_bounds: PageBounds | None = None
     block_index: BlockIndex | None = None
     key_columns = None  # keys in the natural head-dim order
 
@@ -173,9 +184,31 @@ class RequestState:
 
 
 def last_key(layout, key_cache: torch.Tensor, blocks: torch.Tensor, n: int) -> torch.Tensor:
-    """[Hk, D] key of token n - 1."""
-    last = torch.tensor([n - 1], device=blocks.device)
-    return layout.key_rows_at(key_cache, blocks, last)[0, :, 0]
+    """[Hk, D] view of the key of token n - 1."""
+    bs = layout.block_size(key_cache)
+    return layout.key_at(key_cache, int(blocks[(n - 1) // bs]), (n - 1) % bs)
+
+
+@dataclass
+class PageSelection:
+    """A whole-block selection (`PagedSelector.block_row`): the scoring query that made it
+    query [1, F] fp32, the chosen candidate blocks pages [M] long (the sequence's block numbers,
+    not cache block ids) and the local window's start then."""
+
+    query: torch.Tensor
+    pages: torch.Tensor
+    local_start: int
+
+
+@dataclass
+class PageBounds:
+    """Quest's summaries of a sequence's whole blocks, kept beside the paged cache for
+    `PagedSelector.block_row`: bounds [Hk, 2D, capacity] fp32, column p block p's elementwise max
+    key (rows :D) over its min key (rows D:), so the bounds of a query q for every page are one
+    product [q⁺, q⁻] @ bounds; tokens: the sequence length summarised."""
+
+    bounds: torch.Tensor
+    tokens: int = 0
 
 
 class PagedSelector:
@@ -229,7 +262,8 @@ class PagedSelector:
         state.blocks, state.tokens = blocks[:-(-n // bs)].clone(), n
         state.fingerprint = last_key(self.layout, key_cache, blocks, n).clone()
 
-    def _update_pages(self, state: RequestState, key_cache: torch.Tensor, blocks: torch.Tensor, n: int) -> None:
+    def _update_pages(self, state: RequestState, key_cache: torch.Tensor, blocks: torch.Tensor, n: int
+                      ) -> BlockIndex:
         """Quest's page max / min (`BlockIndex`) brought to n tokens: only the pages that received
         tokens since the last update are summarised again, read from the paged cache (pages equal
         to cache blocks: whole blocks at once; other page sizes: token rows)."""
@@ -237,7 +271,7 @@ class PagedSelector:
         if index is None or index.tokens > n:
             index = state.block_index = BlockIndex(self.page, with_mean=False, with_bounds=True)
         if index.tokens == n:
-            return
+            return index
         first = index.tokens // self.page
         if self.page == self.layout.block_size(key_cache):
             kmax, kmin, count = block_bounds(self.layout, key_cache, blocks, first, n)
@@ -247,11 +281,7 @@ class PagedSelector:
             idx = torch.arange(first * self.page, n, device=blocks.device)
             keys = self.layout.key_rows_at(key_cache, blocks, idx).contiguous()
             _, kmax, kmin, count = block_summaries(keys, None, self.page, 0)
-        keep = slice(0, first)
-        index.kmax = kmax if index.kmax is None else torch.cat((index.kmax[:, :, keep], kmax), dim=2)
-        index.kmin = kmin if index.kmin is None else torch.cat((index.kmin[:, :, keep], kmin), dim=2)
-        index.count = count if index.count is None else torch.cat((index.count[:, keep], count), dim=1)
-        index.tokens = n
+        return index.put(first, n, None, kmax, kmin, count)
 
     def _selection(self, state: RequestState, q: torch.Tensor, key_cache: torch.Tensor, blocks: torch.Tensor,
                    n: int) -> SelectionState:
@@ -259,7 +289,7 @@ class PagedSelector:
         policy's scorer on [n_init, n - n_local)."""
         p, stats = self.policy, self.ctx.stats
         query = q[None]  # [1, H, D]
-        flat = query.reshape(1, -1).float()
+        flat = query.reshape(1, -1).to(torch.float32, copy=True)  # kept: q's buffer may be reused
         if self.page is not None:
             self._update_pages(state, key_cache, blocks, n)
         hit = bool(cache_hits(state.selection, flat, p.theta)[0])
@@ -308,20 +338,89 @@ class PagedSelector:
         """(the blocks to read [M] in sequence order, ending with the sequence's last block; the
         tokens they hold): the sink blocks, the pages Quest chose and the blocks of the local window
         (the window's first block read whole). Every block but the last is full."""
-        p, bs = self.policy, self.layout.block_size(key_cache)
+        p, bs, stats = self.policy, self.layout.block_size(key_cache), self.ctx.stats
         state = self.state_for(key_cache, blocks, n)
-        selection = self._selection(state, q, key_cache, blocks, n)
+        bounds = self._update_bounds(state, key_cache, blocks, n)
+        flat = q.reshape(1, -1).to(torch.float32, copy=True)
+        if p.theta >= 1:  # only an identical query reuses the selection: no similarity needed
+            hit = state.pages is not None and torch.equal(flat, state.pages.query)
+        else:
+            hit = bool(cache_hits(state.pages, flat, p.theta)[0])
+        stats["selection_hits" if hit else "selection_misses"] += 1
+        if not hit:
+            local = max(n - p.n_local, 0)
+            state.pages = PageSelection(flat, self._choose_pages(q, bounds, local), local)
         last = (n - 1) // bs
-        chosen = torch.zeros(last + 1, dtype=torch.bool, device=blocks.device)
-        chosen[: -(-p.n_init // bs)] = True
-        chosen[selection.mid[selection.mid_valid] // bs] = True
-        chosen[min(int(selection.local_start[0]), n - 1) // bs:] = True
-        logical = chosen.nonzero()[:, 0]
+        read = torch.zeros(last + 1, dtype=torch.bool, device=blocks.device)
+        read[: -(-p.n_init // bs)] = True
+        read[state.pages.pages] = True
+        read[min(state.pages.local_start, n - 1) // bs:] = True
+        logical = read.nonzero()[:, 0]
         tokens = (logical.shape[0] - 1) * bs + n - last * bs
-        self.ctx.stats.record_read(1, 1, tokens, self.layout.heads_dim(key_cache)[0], q.shape[-1],
-                                   key_cache.element_size())
+        stats.record_read(1, 1, tokens, bounds.shape[0], q.shape[-1], key_cache.element_size())
         self._remember(state, key_cache, blocks, n)
         return blocks[logical], tokens
+
+    def _update_bounds(self, state: RequestState, key_cache: torch.Tensor, blocks: torch.Tensor, n: int
+                       ) -> torch.Tensor:
+        """The sequence's page bounds [Hk, 2D, ceil(n / bs)] (`PageBounds`) brought to n tokens:
+        only the blocks that received tokens since the last update are summarised again."""
+        bs, nb = self.page, -(-n // self.page)
+        pb = state.page_bounds
+        if pb is None or pb.tokens > n:
+            Hk, D = self.layout.heads_dim(key_cache)
+            pb = state.page_bounds = PageBounds(torch.empty(Hk, 2 * D, max(2 * nb, 16), device=key_cache.device))
+        if pb.tokens < n:
+            first = pb.tokens // bs
+            if nb > pb.bounds.shape[2]:
+                grown = pb.bounds.new_empty(*pb.bounds.shape[:2], 2 * nb)
+                grown[:, :, :first] = pb.bounds[:, :, :first]
+                pb.bounds = grown
+            kmax, kmin, _ = block_bounds(self.layout, key_cache, blocks, first, n)  # [1, Hk, P, D]
+            D = kmax.shape[-1]
+            pb.bounds[:, :D, first:nb] = kmax[0].transpose(1, 2)
+            pb.bounds[:, D:, first:nb] = kmin[0].transpose(1, 2)
+            pb.tokens = n
+        return pb.bounds[:, :, :nb]
+
+    def _choose_pages(self, q: torch.Tensor, bounds: torch.Tensor, end: int) -> torch.Tensor:
+        """The blocks [M] long Quest reads whole for the query q [H, D] among the candidates
+        [n_init, end), given the page bounds [Hk, 2D, nb]. The pages `Quest.page_choice` picks
+        (`CandidateBlocks` of one row: the first and last candidate blocks forced, then the best
+        by bound while the candidates total <= k), computed for the one-row case in which every
+        middle page is a full block: the forced pages, then the top (k - forced tokens) // bs."""
+        p, bs = self.policy, self.page
+        start = p.n_init
+        if end <= start:
+            return torch.zeros(0, dtype=torch.long, device=q.device)
+        first, last = start // bs, (end - 1) // bs
+        Hk, D2, _ = bounds.shape
+        forced_tokens = (first + 1) * bs - start + end - last * bs if last > first else end - start
+        self.ctx.stats["scored_blocks"] += last + 1 - first
+        self.ctx.stats["kv_bytes_read"] += (last + 1 - first) * Hk * D2 * q.element_size()
+        if p.head_vote != "max" or forced_tokens > p.k:
+            return self._page_choice(q, bounds, start, end, first, last)
+        ends = [first] if last == first else [first, last]
+        middle = min((p.k - forced_tokens) // bs, last - first - 1)
+        if middle <= 0:
+            return torch.tensor(ends, device=q.device)
+        rows = torch.cat((q.clamp(min=0), q.clamp(max=0)), dim=-1).view(Hk, -1, D2).float()
+        score = torch.bmm(rows, bounds[:, :, first + 1:last]).view(-1, last - first - 1).amax(0)  # [pages]
+        top = score.topk(middle, sorted=False).indices + (first + 1)
+        return torch.cat((torch.tensor(ends, device=q.device), top))
+
+    def _page_choice(self, q: torch.Tensor, bounds: torch.Tensor, start: int, end: int, first: int, last: int
+                     ) -> torch.Tensor:
+        """`_choose_pages` in general: `Quest.page_choice` itself on the candidate blocks."""
+        from ..blocks import CandidateBlocks
+
+        Hk, D = bounds.shape[0], bounds.shape[1] // 2
+        cand = CandidateBlocks(start, end, None, self.page, 1, q.device)
+        rows, weights = score_rows(q[None], Hk, self.policy.head_mapping, None)
+        span = bounds[:, :, first:last + 1].transpose(1, 2)[None]  # [1, Hk, pages, 2D]
+        chosen = self.policy.page_choice(rows, weights, span[..., :D], span[..., D:], self.scale, cand.count,
+                                         cand.forced)
+        return chosen[0].nonzero()[:, 0] + first
 
 
 def block_bounds(layout, key_cache: torch.Tensor, blocks: torch.Tensor, first: int, n: int
