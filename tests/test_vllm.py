@@ -34,18 +34,25 @@ def _prompts() -> list[str]:
             for i, n in enumerate(LENGTHS)]
 
 
-def _generate(tmp_path: Path, policy: str | None, tokens: int = 12) -> list[list[int]]:
-    """Greedy tokens of the 8 prompts, at most 3 requests at a time: requests join and leave the
-    running batch as others finish (continuous batching)."""
-    prompts, out = tmp_path / "prompts.json", tmp_path / f"out-{abs(hash(policy))}.json"
-    prompts.write_text(json.dumps(_prompts()))
-    args = [sys.executable, "-m", "tokaccel.vllm.run", "--model", str(MODEL), "--prompts", str(prompts),
-            "--max-tokens", str(tokens), "--max-model-len", "1024", "--block-size", "32", "--max-num-seqs", "3",
-            "--out", str(out)]
+def _generate(tmp_path: Path, policy: str | None, tokens: int = 12, model: Path = MODEL, ranks: int = 1,
+              prompts: list | None = None, at_once: int = 3) -> list[list[int]]:
+    """Greedy tokens of the 8 prompts (or `prompts`), at most `at_once` requests at a time: requests
+    join and leave the running batch as others finish (continuous batching). ranks: tensor-parallel
+    worker processes."""
+    prompts = _prompts() if prompts is None else prompts
+    key = abs(hash((policy, str(model), ranks, json.dumps(prompts), at_once)))
+    prompts_file, out = tmp_path / f"prompts-{key}.json", tmp_path / f"out-{key}.json"
+    prompts_file.write_text(json.dumps(prompts))
+    args = [sys.executable, "-m", "tokaccel.vllm.run", "--model", str(model), "--prompts", str(prompts_file),
+            "--max-tokens", str(tokens), "--max-model-len", "1024", "--block-size", "32", "--max-num-seqs",
+            str(at_once), "--tensor-parallel-size", str(ranks), "--out", str(out)]
     if policy:
         args += ["--policy", policy]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     env.pop("TOKACCEL_VLLM_POLICY", None)
+    if ranks > 1:  # vLLM binds each CPU rank to a NUMA node unless told which cores (one node here)
+        cores = sorted(os.sched_getaffinity(0))
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(cores[r % len(cores)]) for r in range(ranks))
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())["outputs"]
@@ -136,3 +143,86 @@ def test_the_generate_entry_point_answers_token_id_requests(tmp_path):
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["versions"]["vllm"] and meta["block_size"] == 32 and meta["max_model_len"] % 32 == 0
     assert meta["max_model_len"] >= len(prompt) + 8
+
+
+def _tiny_llama(folder: Path) -> Path:
+    """A random-weight 2-layer Llama with 4 query and 2 KV heads (SmolLM2's 9 / 3 do not split over
+    2 ranks), saved with SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, initializer_range=0.1)  # 0.02: attention barely moves the logits
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(MODEL).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.skipif(not (MODEL / "config.json").exists(), reason=f"no exported model in {MODEL}")
+def test_two_tensor_parallel_ranks_each_select_over_their_own_heads(tmp_path):
+    """Two ranks, each holding one of the two KV heads' cache and its own per-request states: at a
+    covering budget with the sparse path forced the tokens equal vLLM's own with two ranks; a
+    small budget changes them (so both ranks' selection ran)."""
+    model = _tiny_llama(tmp_path / "tiny-llama")
+    own = _generate(tmp_path, None, model=model, ranks=2)
+    covering = _generate(tmp_path, "quest:k=1024,page=32,n_init=4,n_local=32,dense_layers=0,dense_fallback=false",
+                         model=model, ranks=2)
+    small = _generate(tmp_path, "quest:k=32,page=32,n_init=4,n_local=32,dense_layers=0,dense_fallback=false",
+                      model=model, ranks=2)
+    assert covering == own
+    assert small != own
+
+
+def _served(tmp_path: Path, policy: str, prompts: list[str], tokens: int = 12) -> list[list[int]]:
+    """Greedy token ids from vLLM's OpenAI server started as the README says (`./run.sh vllm-serve`,
+    vLLM's `vllm serve` module: vllm-cpu's `vllm` script cannot start) with the policy in
+    --additional-config, one request at a time."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = [str(Path(__file__).resolve().parents[1] / "run.sh"), "vllm-serve", "--host", "127.0.0.1", "--port",
+            str(port), "--enforce-eager", "--max-model-len", "1024", "--additional-config",
+            json.dumps({"tokaccel_policy": policy})]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKACCEL_VLLM_VENV": sys.prefix, "TOKACCEL_VLLM_MODEL": str(MODEL)}
+    env.pop("TOKACCEL_VLLM_POLICY", None)
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except OSError:
+                time.sleep(2)
+        outputs = []
+        for prompt in prompts:
+            body = {"model": str(MODEL), "prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
+                    "return_token_ids": True}
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
+                                             {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=300) as response:
+                outputs.append(json.loads(response.read())["choices"][0]["token_ids"])
+        return outputs
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+@pytest.mark.skipif(not (MODEL / "config.json").exists(), reason=f"no exported model in {MODEL}")
+def test_the_openai_server_decodes_with_the_policy_of_its_additional_config(tmp_path):
+    """`--additional-config '{"tokaccel_policy": ...}'` reaches the backend of vLLM's OpenAI server:
+    its greedy tokens equal the offline engine's with that policy (one request at a time in both)
+    and differ from vLLM's own attention."""
+    prompts = [_prompts()[i] for i in (3, 5)]  # 300 and 500 words
+    policy = "quest:k=32,page=32,n_init=4,n_local=32,dense_layers=0,dense_fallback=false"
+    served = _served(tmp_path, policy, prompts)
+    assert served == _generate(tmp_path, policy, prompts=prompts, at_once=1)
+    assert served != _generate(tmp_path, None, prompts=prompts, at_once=1)

@@ -204,8 +204,8 @@ class PageSelection:
 class PageBounds:
     """Quest's summaries of a sequence's whole blocks, kept beside the paged cache for
     `PagedSelector.block_row`: bounds [Hk, 2D, capacity] fp32, column p block p's elementwise max
-    key (rows :D) over its min key (rows D:), so the bounds of a query q for every page are one
-    product [q⁺, q⁻] @ bounds; tokens: the sequence length summarised."""
+    key (rows :D) over its min key (rows D:), dim-major so that scoring multiplies by contiguous
+    rows; tokens: the sequence length summarised."""
 
     bounds: torch.Tensor
     tokens: int = 0
@@ -385,28 +385,33 @@ class PagedSelector:
 
     def _choose_pages(self, q: torch.Tensor, bounds: torch.Tensor, end: int) -> torch.Tensor:
         """The blocks [M] long Quest reads whole for the query q [H, D] among the candidates
-        [n_init, end), given the page bounds [Hk, 2D, nb]. The pages `Quest.page_choice` picks
+        [n_init, end), given the page bounds [Hk, 2D, nb]: the pages `Quest.page_choice` picks
         (`CandidateBlocks` of one row: the first and last candidate blocks forced, then the best
-        by bound while the candidates total <= k), computed for the one-row case in which every
-        middle page is a full block: the forced pages, then the top (k - forced tokens) // bs."""
+        by bound while the candidates total <= k). Every middle candidate is a full block, so
+        that is the forced pages and the top (k - forced tokens) // bs by the same bound scores,
+        with no sort or cumulative count. (This path serves vLLM's CPU backend only: the torch
+        bound is called directly, without the kernel dispatch.)"""
+        from ..kernels.block_index import block_bound_scores_reference as block_bound_scores
+
         p, bs = self.policy, self.page
         start = p.n_init
         if end <= start:
             return torch.zeros(0, dtype=torch.long, device=q.device)
         first, last = start // bs, (end - 1) // bs
         Hk, D2, _ = bounds.shape
-        forced_tokens = (first + 1) * bs - start + end - last * bs if last > first else end - start
         self.ctx.stats["scored_blocks"] += last + 1 - first
         self.ctx.stats["kv_bytes_read"] += (last + 1 - first) * Hk * D2 * q.element_size()
+        forced_tokens = (first + 1) * bs - start + end - last * bs if last > first else end - start
         if p.head_vote != "max" or forced_tokens > p.k:
             return self._page_choice(q, bounds, start, end, first, last)
         ends = [first] if last == first else [first, last]
         middle = min((p.k - forced_tokens) // bs, last - first - 1)
         if middle <= 0:
             return torch.tensor(ends, device=q.device)
-        rows = torch.cat((q.clamp(min=0), q.clamp(max=0)), dim=-1).view(Hk, -1, D2).float()
-        score = torch.bmm(rows, bounds[:, :, first + 1:last]).view(-1, last - first - 1).amax(0)  # [pages]
-        top = score.topk(middle, sorted=False).indices + (first + 1)
+        rows, _ = score_rows(q[None], Hk, p.head_mapping, None)
+        span = bounds[:, :, first:last + 1].transpose(1, 2)[None]  # [1, Hk, pages, 2D]
+        score = block_bound_scores(rows, span[..., :D2 // 2], span[..., D2 // 2:], self.scale)[0].amax(0)
+        top = score[1:-1].topk(middle, sorted=False).indices + (first + 1)
         return torch.cat((torch.tensor(ends, device=q.device), top))
 
     def _page_choice(self, q: torch.Tensor, bounds: torch.Tensor, start: int, end: int, first: int, last: int

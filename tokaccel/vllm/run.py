@@ -3,7 +3,7 @@ write JSON (vLLM starts worker processes, so callers run them as their own proce
 environment of scripts/setup_vllm.sh):
 
     python -m tokaccel.vllm.run --model DIR --prompts prompts.json --max-tokens 16 \\
-        --out result.json [--policy "tokenselect:k=1024"] [--repeat-with-max-tokens 1]
+        --out result.json [--policy "tokenselect:k=1024"] [--repeat-with-max-tokens 1] [--tensor-parallel-size 2]
     python -m tokaccel.vllm.run generate --model DIR --input requests.jsonl --output outputs.jsonl \\
         [--meta meta.json] [--policy "quest:k=768,page=32"] [--dtype float32] [--block-size 32]
 
@@ -47,9 +47,10 @@ SETUP_HINT = "run ./run.sh vllm-setup (scripts/setup_vllm.sh)"
 
 
 def engine(model: str, policy: str | None, max_model_len: int, max_num_seqs: int, block_size: int | None = None,
-           prefix_caching: bool = False, dtype: str = "float32", log_stats: bool = False):
+           prefix_caching: bool = False, dtype: str = "float32", log_stats: bool = False, tensor_parallel: int = 1):
     """A vLLM `LLM` on CPU, eager (float32 by default); tokaccel's policy through additional_config.
-    log_stats: keep vLLM's per-request stats (RequestOutput.metrics: first / last token times)."""
+    log_stats: keep vLLM's per-request stats (RequestOutput.metrics: first / last token times);
+    tensor_parallel: ranks (worker processes), each selecting over its own heads."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     if policy is None:
         os.environ["VLLM_PLUGINS"] = ""  # vLLM's own backend, not tokaccel's subclass
@@ -58,7 +59,8 @@ def engine(model: str, policy: str | None, max_model_len: int, max_num_seqs: int
     extra = {"tokaccel_policy": policy} if policy else {}
     return LLM(model=model, dtype=dtype, enforce_eager=True, max_model_len=max_model_len,
                max_num_seqs=max_num_seqs, seed=0, block_size=block_size, additional_config=extra,
-               enable_prefix_caching=prefix_caching, disable_log_stats=not log_stats)
+               enable_prefix_caching=prefix_caching, disable_log_stats=not log_stats,
+               tensor_parallel_size=tensor_parallel)
 
 
 def generate(llm, prompts: list, max_tokens: int) -> tuple[list[list[int]], float]:
@@ -178,10 +180,12 @@ def main(argv=None) -> int:
                         help="run the prompts again with this many new tokens, to subtract prefill time")
     parser.add_argument("--out", required=True, help="JSON file to write (vLLM logs to stdout)")
     parser.add_argument("--warmup", action="store_true", help="one short generate() first (not timed)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks (vLLM worker processes)")
     args = parser.parse_args(argv)
     with open(args.prompts) as f:
         prompts = json.load(f)
-    llm = engine(args.model, args.policy, args.max_model_len, args.max_num_seqs, args.block_size)
+    llm = engine(args.model, args.policy, args.max_model_len, args.max_num_seqs, args.block_size,
+                 tensor_parallel=args.tensor_parallel_size)
     if args.warmup:
         generate(llm, prompts[:1], 2)
     outputs, seconds = generate(llm, prompts, args.max_tokens)
