@@ -10,7 +10,7 @@ goes to vLLM's kernel. The policy is a tokaccel spec, given as
 
 * the environment variable TOKACCEL_VLLM_POLICY="tokenselect:k=1024,n_init=64,n_local=256", or
 * vLLM's own config: `additional_config={"tokaccel_policy": "quest:k=1024"}` (`LLM(...)`) /
-  `--additional-config '{"tokaccel_policy": "quest:k=1024"}'` (`vllm serve`).
+  `--additional-config '{"tokaccel_policy": "quest:k=1024"}'` (the OpenAI server: `./run.sh vllm-serve`).
 
 Policies: tokenselect (soft vote, selection cache) and quest (page bounds kept beside the paged
 cache), always with position_mode="original" (vLLM caches rotated keys).
