@@ -89,7 +89,7 @@ class Quest(SelectionPolicy):
         """[B, n] bool: the pages read whole. rows [B, R, D] / weights [B, R] (`score_rows`); kmax /
         kmin [B, Hk, n, D] the pages' bounds; count [B, n] their candidate tokens; forced [B, n]
         the pages kept first. Pages go best bound first while their candidates total <= k.
-        `tokaccel.vllm` calls this directly on its own page summaries."""
+        tokaccel.vllm's whole-block path takes the same pages from its own page summaries."""
         from ..kernels.ops import block_bound_scores
         from ..kernels.soft_vote import softmax_head_sum
 

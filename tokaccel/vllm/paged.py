@@ -16,7 +16,8 @@ its last summarised token unchanged), so a finished, preempted or recomputed req
 inherits another's selection. Scoring is the tokaccel policy's own (`SelectionCall.select`):
 TokenSelect's soft vote over all keys on a selection-cache miss, Quest's page bounds over the
 summaries. Attention reads `sinks ∪ selected ∪ local window` rows straight from the paged cache.
-Keys are the model's rotated keys: positions are the original ones (`position_mode="original"`).
+Quest with pages equal to cache blocks has a shorter route (`block_row`): the pages
+`Quest.page_choice` picks, as cache blocks for vLLM's own kernel, with no token expansion. Keys are the model's rotated keys: positions are the original ones (`position_mode="original"`).
 """
 
 from __future__ import annotations
@@ -400,7 +401,7 @@ class PagedSelector:
         first, last = start // bs, (end - 1) // bs
         Hk, D2, _ = bounds.shape
         self.ctx.stats["scored_blocks"] += last + 1 - first
-        self.ctx.stats["kv_bytes_read"] += (last + 1 - first) * Hk * D2 * q.element_size()
+        self.ctx.stats["kv_bytes_read"] += (last + 1 - first) * Hk * D2 * bounds.element_size()
         forced_tokens = (first + 1) * bs - start + end - last * bs if last > first else end - start
         if p.head_vote != "max" or forced_tokens > p.k:
             return self._page_choice(q, bounds, start, end, first, last)
